@@ -1,0 +1,5 @@
+import sys
+
+from ultragen.cli import main
+
+sys.exit(main())
