@@ -71,3 +71,11 @@ def test_reference_on_gpu_matches_cpu():
     cpu = attend(q, k, v, plan, "reference")
     gpu = attend(q.cuda(), k.cuda(), v.cuda(), plan, "reference").cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_leading_query_rows_only_equal_the_same_rows_of_the_full_call():
+    plan = _plan()
+    s = plan.layout.seq_tokens
+    q, k, v = torch.randn(3, 1, 2, s, 8, dtype=torch.float64)
+    rows = plan.layout.segment_offsets[2]  # text + hires, as when the guide's own rows are cached
+    torch.testing.assert_close(attend(q[:, :, :rows], k, v, plan), attend(q, k, v, plan)[:, :, :rows], rtol=0, atol=0)

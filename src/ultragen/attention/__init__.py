@@ -40,10 +40,13 @@ def parse_backend(name: Backend | str) -> Backend:
 
 def why_not(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
     """None when ``backend`` can run these inputs, else the reason it cannot."""
-    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
-        return f"q, k, v must all be (B, H, S, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    if q.shape[-2] != plan.layout.seq_tokens:
-        return f"sequence of {q.shape[-2]} tokens does not match the plan's {plan.layout.seq_tokens}"
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
+        return f"q, k, v must be (B, H, S, D) with one B, H, D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if k.shape[-2] != plan.layout.seq_tokens:
+        return f"sequence of {k.shape[-2]} tokens does not match the plan's {plan.layout.seq_tokens}"
+    if q.shape[-2] > k.shape[-2] or q.shape[-2] % plan.block_tokens:
+        return (f"{q.shape[-2]} query tokens: queries must be the first whole blocks of the sequence "
+                f"(a multiple of {plan.block_tokens}, at most {k.shape[-2]})")
     if backend not in _IMPLS:
         return "not available in this build"
     return None
@@ -61,9 +64,10 @@ def pick_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: Backend | str = Backend.AUTO
 ) -> torch.Tensor:
-    """Block-sparse attention. q, k, v: (B, H, S, D) of one dtype and device, S = plan.layout.seq_tokens.
+    """Block-sparse attention. k, v: (B, H, S, D), S = plan.layout.seq_tokens; q: (B, H, Sq, D), the first Sq
+    positions of the sequence (Sq = S, or fewer whole blocks: e.g. text + hires when the guide rows are cached).
 
-    Returns (B, H, S, D). Scale 1/sqrt(D)."""
+    Returns (B, H, Sq, D). Scale 1/sqrt(D). q, k, v share dtype and device."""
     backend = parse_backend(backend)
     if backend is Backend.AUTO:
         backend = pick_backend(q, k, v, plan)
