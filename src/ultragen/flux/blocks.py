@@ -1,0 +1,153 @@
+"""The forward of diffusers' FLUX blocks over three streams: text, hires and guide.
+
+These functions call the block's own modules (norms, projections, feed-forwards; weights untouched) in the order
+the stock blocks do, with three differences that the method needs:
+
+- the guide stream gets its own modulation (from a t = 0 embedding) through the same norm modules;
+- projections run the original weights for text and hires tokens, and the LoRA-adapted module for guide tokens
+  (``adapted=True``), so a guide LoRA can never leak into the hires path;
+- attention is one call over ``[text | hires | guide]`` through ``ultragen.attention`` with the plan; the text
+  length is carried explicitly (diffusers' single block infers it from a concatenation).
+
+Tensors are (B, tokens, dim) unless said otherwise; q, k, v are (B, heads, tokens, head_dim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
+# attention(q, k, v) -> out; q covers the leading query rows of the sequence, k and v all of it (B, H, S, D)
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Streams:
+    text: torch.Tensor  # (B, T, dim)
+    hires: torch.Tensor  # (B, N, dim)
+    guide: torch.Tensor | None  # (B, G, dim); None when the guide is absent or its keys/values are cached
+
+
+@dataclass
+class Temb:
+    main: torch.Tensor  # (B, dim) at the current t, for text and hires
+    guide: torch.Tensor | None  # (B, dim) at t = 0
+
+
+GuideKV = tuple[torch.Tensor, torch.Tensor]  # (k, v) of the guide for one layer, (B, H, G, head_dim), k rotated
+
+
+def linear(module: nn.Module, x: torch.Tensor, adapted: bool) -> torch.Tensor:
+    """``module(x)``; with ``adapted=False`` any PEFT adapter on the module is bypassed (original weights)."""
+    if not adapted and isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return module(x)
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor, adapted: bool) -> torch.Tensor:
+    """diffusers ``FeedForward`` (GELU-tanh projection, dropout, linear) with per-stream adapter choice."""
+    act = ff.net[0]
+    h = F.gelu(linear(act.proj, x, adapted), approximate=act.approximate)
+    for layer in ff.net[1:]:
+        h = linear(layer, h, adapted) if isinstance(layer, (nn.Linear, BaseTunerLayer)) else layer(h)
+    return h
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.unflatten(-1, (-1, head_dim))  # (B, S, H, D)
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor, adapted: bool, context: bool = False):
+    """Projected, QK-normed q, k, v (B, S, H, D) of one stream."""
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if context else ("to_q", "to_k", "to_v")
+    q, k, v = (_heads(linear(getattr(attn, n), x, adapted), attn.head_dim) for n in names)
+    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if context else (attn.norm_q, attn.norm_k)
+    return norm_q(q), norm_k(k), v
+
+
+def _attention(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    rope: Rope,
+    attention: AttentionFn,
+    guide_kv: GuideKV | None,
+) -> torch.Tensor:
+    """One attention over the concatenated streams. ``parts``: (q, k, v) per computed stream, in sequence order;
+    ``rope`` covers their rows. With ``guide_kv`` the guide is not computed: its cached keys and values are appended
+    and its query rows skipped. Returns the output (B, Sq, H*D)."""
+    q = torch.cat([p[0] for p in parts], dim=1)
+    k = torch.cat([p[1] for p in parts], dim=1)
+    v = torch.cat([p[2] for p in parts], dim=1)
+    cos, sin = rope
+    n = q.shape[1]
+    q = apply_rotary_emb(q, (cos[:n], sin[:n]), sequence_dim=1).transpose(1, 2)
+    k = apply_rotary_emb(k, (cos[:n], sin[:n]), sequence_dim=1).transpose(1, 2)
+    v = v.transpose(1, 2)
+    if guide_kv is not None:
+        k = torch.cat([k, guide_kv[0]], dim=2)
+        v = torch.cat([v, guide_kv[1]], dim=2)
+    return attention(q, k, v).transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+def double_block(
+    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None
+) -> Streams:
+    """diffusers ``FluxTransformerBlock.forward`` over text, hires and (optionally) guide."""
+    attn = block.attn
+    n_h, gate_h, shift_mlp_h, scale_mlp_h, gate_mlp_h = block.norm1(s.hires, emb=temb.main)
+    n_c, gate_c, shift_mlp_c, scale_mlp_c, gate_mlp_c = block.norm1_context(s.text, emb=temb.main)
+    parts = [_qkv(attn, n_c, adapted=False, context=True), _qkv(attn, n_h, adapted=False)]
+    if s.guide is not None:
+        n_g, gate_g, shift_mlp_g, scale_mlp_g, gate_mlp_g = block.norm1(s.guide, emb=temb.guide)
+        parts.append(_qkv(attn, n_g, adapted=True))
+    out = _attention(parts, rope, attention, guide_kv)
+    t, n = s.text.shape[1], s.hires.shape[1]
+
+    def image_stream(x, attn_out, gate, shift_mlp, scale_mlp, gate_mlp, adapted):
+        attn_out = attn.to_out[1](linear(attn.to_out[0], attn_out, adapted))
+        x = x + gate.unsqueeze(1) * attn_out
+        h = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp.unsqueeze(1) * feed_forward(block.ff, h, adapted)
+
+    hires = image_stream(s.hires, out[:, t : t + n], gate_h, shift_mlp_h, scale_mlp_h, gate_mlp_h, adapted=False)
+    guide = None
+    if s.guide is not None:
+        guide = image_stream(s.guide, out[:, t + n :], gate_g, shift_mlp_g, scale_mlp_g, gate_mlp_g, adapted=True)
+    text = s.text + gate_c.unsqueeze(1) * attn.to_add_out(out[:, :t])
+    h = block.norm2_context(text) * (1 + scale_mlp_c[:, None]) + shift_mlp_c[:, None]
+    text = text + gate_mlp_c.unsqueeze(1) * feed_forward(block.ff_context, h, adapted=False)
+    if text.dtype == torch.float16:
+        text = text.clip(-65504, 65504)
+    return Streams(text, hires, guide)
+
+
+def single_block(
+    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None
+) -> Streams:
+    """diffusers ``FluxSingleTransformerBlock.forward`` over text + hires (one modulation) and the guide."""
+    attn = block.attn
+    t = s.text.shape[1]
+    main = torch.cat([s.text, s.hires], dim=1)
+    n_m, gate_m = block.norm(main, emb=temb.main)
+    parts = [_qkv(attn, n_m, adapted=False)]
+    if s.guide is not None:
+        n_g, gate_g = block.norm(s.guide, emb=temb.guide)
+        parts.append(_qkv(attn, n_g, adapted=True))
+    out = _attention(parts, rope, attention, guide_kv)
+
+    def stream(x, normed, attn_out, gate, adapted):
+        mlp = block.act_mlp(linear(block.proj_mlp, normed, adapted))
+        y = x + gate.unsqueeze(1) * linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), adapted)
+        return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
+
+    main = stream(main, n_m, out[:, : main.shape[1]], gate_m, adapted=False)
+    guide = None
+    if s.guide is not None:
+        guide = stream(s.guide, n_g, out[:, main.shape[1] :], gate_g, adapted=True)
+    return Streams(main[:, :t], main[:, t:], guide)

@@ -1,0 +1,194 @@
+"""The hierarchical FLUX.1 transformer: a stock diffusers ``FluxTransformer2DModel`` run over
+``[text | hires | guide]`` with block-sparse attention, per-stream modulation and a cached guide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ultragen.attention import Backend, attend, parse_backend
+from ultragen.attention.segment import attend_within
+from ultragen.flux.blocks import GuideKV, Rope, Streams, Temb, double_block, linear, single_block
+from ultragen.flux.rope import flux_rope
+from ultragen.layout import Segment
+from ultragen.policy import AttentionPlan
+
+
+@dataclass
+class _GuideCache:
+    """Per-layer guide keys/values and what they were computed from."""
+
+    plan: AttentionPlan
+    inputs: tuple  # guide, pooled, guidance tensors (copies) and the adapter fingerprint
+    kv: list[GuideKV]
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+class HierFluxTransformer(nn.Module):
+    """Hierarchical forward of a FLUX.1 transformer (dev or schnell); the wrapped model's weights are untouched.
+
+    ``backend``: attention backend name (``ultragen.attention.Backend``). ``ntk_factor``: RoPE NTK factor (paper:
+    10 for FLUX.1; 1 reproduces the stock model). ``cache_guide``: when the plan's guide attends only to itself,
+    compute its per-layer keys and values once and reuse them while the guide latent, pooled prompt, guidance and
+    LoRA stay the same (never while gradients are on).
+    """
+
+    def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
+                 cache_guide: bool = True):
+        super().__init__()
+        if getattr(transformer.config, "patch_size", 1) != 1:
+            raise ValueError(f"patch_size={transformer.config.patch_size} is not supported; FLUX.1 models use 1")
+        self.transformer = transformer
+        self.backend = parse_backend(backend)
+        if ntk_factor <= 0:
+            raise ValueError(f"ntk_factor={ntk_factor} must be > 0 (1: stock RoPE; the paper uses 10 for FLUX.1)")
+        self.ntk_factor = float(ntk_factor)
+        self.cache_guide = cache_guide
+        self.gradient_checkpointing = False
+        self._rope: tuple[AttentionPlan, torch.device, Rope] | None = None
+        self._guide_cache: _GuideCache | None = None
+
+    # --- public ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hires: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        plan: AttentionPlan,
+        guide: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity of the hires tokens.
+
+        hires: (B, hires_tokens, C) packed latents in window-first order; guide: (B, guide_tokens, C) clean packed
+        guide latent in tile-first order (None when the layout has none); encoder_hidden_states: (B, text_tokens,
+        joint_dim); pooled_projections: (B, pooled_dim); timestep: (B,) sigma in [0, 1] (diffusers' FluxPipeline
+        convention); guidance: (B,) for guidance-distilled models (FLUX.1-dev), else None.
+        Returns (B, hires_tokens, C) in window-first order."""
+        tr = self.transformer
+        self._check_inputs(hires, encoder_hidden_states, plan, guide, guidance)
+        x = linear(tr.x_embedder, hires, adapted=False)
+        t = timestep.to(x.dtype) * 1000
+        g = guidance.to(x.dtype) * 1000 if guidance is not None else None
+        temb = Temb(self._embed_time(t, g, pooled_projections), None)
+        rope = self._rope_for(plan, x.device)
+        text = tr.context_embedder(encoder_hidden_states)
+        guide_kv: list[GuideKV | None] = [None] * (len(tr.transformer_blocks) + len(tr.single_transformer_blocks))
+        streams = Streams(text, x, None)
+        if guide is not None:
+            temb.guide = self._embed_time(torch.zeros_like(t), g, pooled_projections)
+            if self._use_cache(plan):
+                guide_kv = self._cached_guide_kv(guide, pooled_projections, g, temb.guide, plan, rope)
+            else:
+                streams.guide = linear(tr.x_embedder, guide, adapted=True)
+
+        def attention(q, k, v):
+            return attend(q, k, v, plan, self.backend)
+
+        for i, block in enumerate(tr.transformer_blocks):
+            streams = self._run(double_block, block, streams, temb, rope, attention, guide_kv[i])
+        offset = len(tr.transformer_blocks)
+        for i, block in enumerate(tr.single_transformer_blocks):
+            streams = self._run(single_block, block, streams, temb, rope, attention, guide_kv[offset + i])
+        out = tr.norm_out(streams.hires, temb.main)
+        return linear(tr.proj_out, out, adapted=False)
+
+    def clear_guide_cache(self) -> None:
+        """Forget the cached guide keys/values (call after each image to free their memory)."""
+        self._guide_cache = None
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _check_inputs(self, hires, text, plan: AttentionPlan, guide, guidance) -> None:
+        layout = plan.layout
+        if hires.dim() != 3 or hires.shape[1] != layout.hires_tokens:
+            raise ValueError(f"hires must be (B, {layout.hires_tokens}, C) for this layout, got {tuple(hires.shape)}")
+        if text.shape[1] != layout.text_tokens:
+            raise ValueError(
+                f"encoder_hidden_states has {text.shape[1]} tokens but the layout expects {layout.text_tokens}; "
+                f"build the layout with text_tokens={text.shape[1]}"
+            )
+        if (guide is None) != (layout.rho is None):
+            need = "no guide (rho=None)" if layout.rho is None else f"a guide of {layout.guide_tokens} tokens"
+            raise ValueError(f"the layout needs {need}, got guide={None if guide is None else tuple(guide.shape)}")
+        if guide is not None and (guide.shape[0] != hires.shape[0] or guide.shape[1] != layout.guide_tokens):
+            raise ValueError(f"guide must be ({hires.shape[0]}, {layout.guide_tokens}, C), got {tuple(guide.shape)}")
+        needs_guidance = self.transformer.config.guidance_embeds
+        if needs_guidance and guidance is None:
+            raise ValueError("this model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. torch.full((B,), 3.5)")
+
+    def _embed_time(self, t, g, pooled) -> torch.Tensor:
+        embed = self.transformer.time_text_embed
+        return embed(t, pooled) if g is None else embed(t, g, pooled)
+
+    def _rope_for(self, plan: AttentionPlan, device: torch.device) -> Rope:
+        if self._rope is None or self._rope[0] is not plan or self._rope[1] != device:
+            layout = plan.layout
+            ids = torch.cat([layout.text_ids(), layout.image_ids()]).to(device)
+            cfg = self.transformer.config
+            self._rope = (plan, device, flux_rope(ids, tuple(cfg.axes_dims_rope), ntk_factor=self.ntk_factor))
+        return self._rope[2]
+
+    def _use_cache(self, plan: AttentionPlan) -> bool:
+        return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
+
+    def _adapter_fingerprint(self) -> tuple:
+        marks = []
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters))
+                marks.extend((p.data_ptr(), p._version) for n, p in module.named_parameters() if "lora_" in n)
+        return tuple(marks)
+
+    def _cached_guide_kv(self, guide, pooled, g, temb_guide, plan: AttentionPlan, rope: Rope) -> list[GuideKV]:
+        inputs = (guide, pooled, g, self._adapter_fingerprint())
+        cache = self._guide_cache
+        if cache is None or cache.plan is not plan or not _same_inputs(cache.inputs, inputs):
+            copies = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+            self._guide_cache = cache = _GuideCache(plan, copies, self._guide_pass(guide, temb_guide, plan, rope))
+        return cache.kv
+
+    def _guide_pass(self, guide, temb_guide, plan: AttentionPlan, rope: Rope) -> list[GuideKV]:
+        """Run the guide stream alone through every block and keep each layer's (rotated k, v)."""
+        tr = self.transformer
+        start = plan.layout.segment_offsets[Segment.GUIDE]
+        rope_guide = (rope[0][start:], rope[1][start:])
+        g = linear(tr.x_embedder, guide, adapted=True)
+        empty = g.new_zeros(g.shape[0], 0, g.shape[2])
+        kv: list[GuideKV] = []
+
+        def attention(q, k, v):
+            kv.append((k, v))
+            return attend_within(q, k, v, plan, Segment.GUIDE)
+
+        streams, temb = Streams(empty, empty, g), Temb(temb_guide, temb_guide)
+        for block in tr.transformer_blocks:
+            streams = double_block(block, streams, temb, rope_guide, attention)
+        for block in tr.single_transformer_blocks:
+            streams = single_block(block, streams, temb, rope_guide, attention)
+        return kv
+
+    def _run(self, fn, block, streams: Streams, temb: Temb, rope: Rope, attention, guide_kv) -> Streams:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, block, streams, temb, rope, attention, guide_kv, use_reentrant=False)
+        return fn(block, streams, temb, rope, attention, guide_kv)

@@ -1,0 +1,170 @@
+"""The hierarchical FLUX transformer against the stock diffusers model (tiny config, CPU, float32)."""
+
+import pytest
+import torch
+
+from flux_tiny import tiny_flux, tiny_inputs, tiny_layout
+from ultragen.flux import HierFluxTransformer
+from ultragen.layout import Segment
+from ultragen.policy import AttentionPolicy, Reach, build_plan, get_policy
+
+
+def stock_forward(model, layout, inputs, attention_mask=None):
+    """The unmodified diffusers model in raster order; returns (B, hires_tokens, C) in raster order."""
+    raster_ids = layout.hires_to_raster(layout.hires_ids()[None])[0]
+    kwargs = {"attention_mask": attention_mask} if attention_mask is not None else None
+    with torch.no_grad():
+        return model(
+            hidden_states=inputs["hires"], encoder_hidden_states=inputs["encoder_hidden_states"],
+            pooled_projections=inputs["pooled_projections"], timestep=inputs["timestep"], img_ids=raster_ids,
+            txt_ids=layout.text_ids(), guidance=inputs["guidance"], joint_attention_kwargs=kwargs,
+        ).sample
+
+
+def hier_forward(hier, plan, inputs, raster_hires=True):
+    layout = plan.layout
+    args = dict(inputs)
+    if raster_hires:
+        args["hires"] = layout.hires_to_sequence(inputs["hires"])
+    with torch.no_grad():
+        out = hier(plan=plan, **args)
+    return layout.hires_to_raster(out) if raster_hires else out
+
+
+def test_a_full_window_no_guide_dense_policy_equals_stock_model():
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 8, window=8, rho=None)
+    inputs = tiny_inputs(layout, batch=2)
+    expected = stock_forward(model, layout, inputs)
+    actual = hier_forward(HierFluxTransformer(model, backend="reference"), build_plan(layout, "dense"), inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_b_window_first_order_is_invisible():
+    """Windowed attention in window-first order equals the stock model with the same mask in raster order."""
+    model = tiny_flux(layers=2, single_layers=1)
+    layout = tiny_layout(12, 8, window=4, rho=None)
+    plan = build_plan(layout, get_policy("default", hires_halo_tokens=1))
+    inputs = tiny_inputs(layout)
+    t = layout.text_tokens
+    seq_pos = torch.cat([torch.arange(t), t + layout.hires_inverse])  # raster token -> sequence position
+    mask_seq = plan.block_table().repeat_interleave(8, 0).repeat_interleave(8, 1)
+    mask_raster = mask_seq[seq_pos][:, seq_pos]
+    assert not mask_raster.all(), "the test needs a mask that actually masks"
+    expected = stock_forward(model, layout, inputs, attention_mask=mask_raster)
+    actual = hier_forward(HierFluxTransformer(model, backend="reference"), plan, inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    unmasked = stock_forward(model, layout, inputs)
+    assert (unmasked - expected).abs().max() > 1e-3, "the mask had no effect, so the test proves nothing"
+
+
+def test_e_cached_and_uncached_guide_give_the_same_output():
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout, "default")
+    assert plan.policy.guide_isolated
+    inputs = tiny_inputs(layout, batch=2)
+    cached = HierFluxTransformer(model, backend="reference", cache_guide=True)
+    uncached = HierFluxTransformer(model, backend="reference", cache_guide=False)
+    first = hier_forward(cached, plan, inputs)
+    assert cached._guide_cache is not None
+    again = hier_forward(cached, plan, {**inputs, "timestep": torch.full((2,), 0.3)})
+    torch.testing.assert_close(first, hier_forward(uncached, plan, inputs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, hier_forward(uncached, plan, {**inputs, "timestep": torch.full((2,), 0.3)}),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_e_guide_cache_is_invalidated_when_its_inputs_change():
+    model = tiny_flux()
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    inputs = tiny_inputs(layout)
+    hier = HierFluxTransformer(model, backend="reference")
+    reference = HierFluxTransformer(model, backend="reference", cache_guide=False)
+    hier_forward(hier, plan, inputs)
+    for change in ("guide", "pooled_projections", "guidance"):
+        changed = {**inputs, change: inputs[change] + 0.5}
+        torch.testing.assert_close(hier_forward(hier, plan, changed), hier_forward(reference, plan, changed),
+                                   rtol=1e-5, atol=1e-6)
+    hier.clear_guide_cache()
+    assert hier._guide_cache is None
+
+
+def _receptive_blocks(plan, start_block: int, layers: int) -> torch.Tensor:
+    table = plan.block_table()
+    reached = torch.zeros(plan.n_blocks, dtype=torch.bool)
+    reached[start_block] = True
+    for _ in range(layers):
+        reached = reached | table[:, reached].any(dim=1)
+    return reached
+
+
+@pytest.mark.parametrize("segment", [Segment.HIRES, Segment.GUIDE])
+def test_d_perturbation_stays_inside_the_policys_receptive_field(segment):
+    layers, single_layers = 1, 2
+    model = tiny_flux(layers=layers, single_layers=single_layers)
+    layout = tiny_layout(16, 16)
+    policy = AttentionPolicy(text_to_guide=Reach.NONE, text_to_hires=Reach.NONE, hires_halo_tokens=0,
+                             guide_margin_tokens=(0, 0), guide_to_guide=Reach.LOCAL, guide_radius_tokens=0)
+    plan = build_plan(layout, policy)
+    inputs = tiny_inputs(layout)
+    hier = HierFluxTransformer(model, backend="reference", cache_guide=False)
+    base = hier_forward(hier, plan, inputs, raster_hires=False)
+    key = "hires" if segment is Segment.HIRES else "guide"
+    token = 37
+    perturbed = {**inputs, key: inputs[key].clone()}
+    perturbed[key][:, token] += 1.0
+    out = hier_forward(hier, plan, perturbed, raster_hires=False)
+    start = (layout.segment_offsets[segment] + token) // layout.block_tokens
+    reached = _receptive_blocks(plan, start, layers + single_layers)
+    hires_blocks = plan.query_blocks_of(Segment.HIRES)
+    inside = reached[hires_blocks.start:hires_blocks.stop].repeat_interleave(layout.block_tokens)
+    assert 0 < inside.sum() < inside.numel() // 2, "the receptive field should be a small part of the image"
+    changed = (out != base).any(dim=-1)[0]
+    assert torch.equal(out[:, ~inside], base[:, ~inside]), "a token outside the receptive field changed"
+    assert changed[inside].any()
+
+
+def test_f_batches_of_two_prompts_and_cfg_doubling_match_single_runs():
+    model = tiny_flux()
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    hier = HierFluxTransformer(model, backend="reference")
+    pair = tiny_inputs(layout, batch=2)
+    together = hier_forward(hier, plan, pair)
+    for i in range(2):
+        single = {k: v[i : i + 1] for k, v in pair.items()}
+        torch.testing.assert_close(together[i : i + 1], hier_forward(hier, plan, single), rtol=1e-5, atol=1e-6)
+    one = tiny_inputs(layout, batch=1, seed=5)
+    cfg = {k: torch.cat([v, v]) for k, v in one.items()}
+    cfg["encoder_hidden_states"][1] = 0.0  # the unconditional branch
+    doubled = hier_forward(hier, plan, cfg)
+    torch.testing.assert_close(doubled[:1], hier_forward(hier, plan, one), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(doubled[0], doubled[1])
+
+
+def test_ntk_factor_changes_the_output_and_one_is_stock():
+    model = tiny_flux()
+    layout = tiny_layout(8, 8, window=8, rho=None)
+    plan = build_plan(layout, "dense")
+    inputs = tiny_inputs(layout)
+    stock = hier_forward(HierFluxTransformer(model, backend="reference"), plan, inputs)
+    ntk = hier_forward(HierFluxTransformer(model, backend="reference", ntk_factor=10), plan, inputs)
+    assert (stock - ntk).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda i, l: {**i, "hires": i["hires"][:, :-1]}, "hires must be"),
+        (lambda i, l: {**i, "guide": None}, "the layout needs a guide"),
+        (lambda i, l: {**i, "guidance": None}, "guidance-distilled"),
+        (lambda i, l: {**i, "encoder_hidden_states": i["encoder_hidden_states"][:, :4]}, "text_tokens=4"),
+    ],
+)
+def test_bad_inputs_raise_with_the_fix(change, message):
+    model = tiny_flux()
+    layout = tiny_layout(8, 16)
+    hier = HierFluxTransformer(model, backend="reference")
+    with pytest.raises(ValueError, match=message):
+        hier(plan=build_plan(layout), **change(tiny_inputs(layout), layout))
