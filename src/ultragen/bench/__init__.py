@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): run through ``ultragen bench ...``; each writes one JSON file under bench/results/."""
