@@ -32,7 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="token order inside a window")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(run=run_plan)
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    from ultragen.bench.attention import SIZES
+
+    bench = commands.add_parser("bench", help="benchmarks on the GPU (not tests)")
+    which = bench.add_subparsers(dest="bench", required=True)
+    attention = which.add_parser("attention", help="dense cuDNN/FA2 SDPA vs the block-sparse backends, FLUX shapes")
+    attention.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="WxH",
+                           help=f"sizes in pixels, width x height (default: {' '.join(SIZES)})")
+    attention.add_argument("--out", default=None,
+                           help="JSON path (default bench/results/attention-<gpu>-<yyyymmdd>.json)")
+    attention.set_defaults(run=run_bench_attention)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -40,6 +54,21 @@ def run_plan(args: argparse.Namespace) -> int:
                          text_tokens=args.text_len, in_window_order=args.order)
     summary = plan_summary(build_plan(layout, args.policy))
     print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def run_bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from ultragen.bench import attention
+
+    if not torch.cuda.is_available():
+        raise ValueError("the attention benchmark needs a CUDA GPU; run it on the GPU machine")
+    for size in args.sizes:
+        attention.parse_size(size)
+    rows = attention.run(args.sizes)
+    print(attention.format_table(rows))
+    print(f"wrote {attention.write_results(rows, args.out or attention.results_path())}")
     return 0
 
 

@@ -14,7 +14,9 @@ from enum import Enum
 
 import torch
 
+from ultragen.attention.flex import flex_attention_backend, why_not_flex
 from ultragen.attention.reference import reference_attention
+from ultragen.attention.triton_bsa import triton_attention, triton_int8_attention, why_not_triton
 from ultragen.policy import AttentionPlan
 
 log = logging.getLogger(__name__)
@@ -23,12 +25,26 @@ log = logging.getLogger(__name__)
 class Backend(str, Enum):
     AUTO = "auto"
     REFERENCE = "reference"  # dense SDPA + the expanded token mask; CPU-capable; O(S^2)
+    FLEX = "flex"  # compiled FlexAttention, full-blocks-only BlockMask; CUDA and CPU
+    TRITON = "triton"  # own block-sparse Triton kernel, bf16/fp16; CUDA
+    TRITON_INT8 = "triton-int8"  # int8 Q.K^T + fp8 P.V (approximate; never picked by auto); CUDA
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPlan], torch.Tensor]
 
-_IMPLS: dict[Backend, AttentionFn] = {Backend.REFERENCE: reference_attention}
-_AUTO_ORDER: tuple[Backend, ...] = (Backend.REFERENCE,)  # fastest first
+_IMPLS: dict[Backend, AttentionFn] = {
+    Backend.REFERENCE: reference_attention,
+    Backend.FLEX: flex_attention_backend,
+    Backend.TRITON: triton_attention,
+    Backend.TRITON_INT8: triton_int8_attention,
+}
+# fastest exact backend first (ultragen bench attention on an H100); triton-int8 is approximate, so never auto
+_AUTO_ORDER: tuple[Backend, ...] = (Backend.TRITON, Backend.FLEX, Backend.REFERENCE)
+_BACKEND_CHECKS: dict[Backend, Callable[[torch.Tensor, AttentionPlan], str | None]] = {
+    Backend.FLEX: why_not_flex,
+    Backend.TRITON: why_not_triton,
+    Backend.TRITON_INT8: why_not_triton,
+}
 
 
 def parse_backend(name: Backend | str) -> Backend:
@@ -47,14 +63,24 @@ def why_not(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.shape[-2] > k.shape[-2] or q.shape[-2] % plan.block_tokens:
         return (f"{q.shape[-2]} query tokens: queries must be the first whole blocks of the sequence "
                 f"(a multiple of {plan.block_tokens}, at most {k.shape[-2]})")
+    if q.dtype != k.dtype or k.dtype != v.dtype or q.device != k.device or k.device != v.device:
+        return f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}"
     if backend not in _IMPLS:
         return "not available in this build"
+    check = _BACKEND_CHECKS.get(backend)
+    return check(q, plan) if check else None
+
+
+def _why_not_auto(backend: Backend, q: torch.Tensor) -> str | None:
+    """Reasons to skip a backend that could run, when picking automatically."""
+    if backend is Backend.FLEX and q.device.type == "cpu":
+        return "on CPU FlexAttention compiles for every new shape (seconds) and is no faster than the reference"
     return None
 
 
 def pick_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> Backend:
     for backend in _AUTO_ORDER:
-        reason = why_not(backend, q, k, v, plan)
+        reason = why_not(backend, q, k, v, plan) or _why_not_auto(backend, q)
         if reason is None:
             return backend
         log.debug("attention backend %s skipped: %s", backend.value, reason)

@@ -1,0 +1,108 @@
+"""The ``flex`` backend: PyTorch FlexAttention over a ``BlockMask`` built straight from the plan's block table.
+
+Every allowed block is full, so the mask has only "full" blocks (no ``mask_mod`` is ever evaluated): zero partial
+counts, ``full_kv_num_blocks = kv_counts`` and ``full_kv_indices`` padded to the number of key blocks (FlexAttention
+wants the index table as wide as the key-block count, not the row maximum). The mask is cached per (plan, device)
+and ``flex_attention`` is compiled once with ``dynamic=False``: one compilation per sequence shape, none on later
+calls.
+
+Only the compiled path is used: eager ``flex_attention`` with a ``from_kv_blocks`` mask was measured wrong on CPU.
+The compiled path matches the reference on CPU (float32, bf16) and on CUDA (bf16, fp16), which the tests check.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from ultragen.policy import AttentionPlan
+
+log = logging.getLogger(__name__)
+
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+RECOMPILE_LIMIT = 64  # one compile per sequence shape; the default limit (8) would silently fall back to eager
+
+_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan -> {device: BlockMask}
+_COMPILED: list[Callable] = []
+
+
+def flex_missing() -> str | None:
+    """None when FlexAttention imports, else why not."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError as error:
+        return f"torch {torch.__version__} has no FlexAttention ({error}); it needs torch >= 2.5"
+    return None
+
+
+def why_not_flex(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    """None when the flex backend can run these inputs, else the reason."""
+    if reason := flex_missing():
+        return reason
+    if q.device.type == "cuda":
+        if q.dtype not in CUDA_DTYPES:
+            return f"dtype {q.dtype} unsupported on CUDA; cast q, k, v to torch.bfloat16 or torch.float16"
+        if plan.block_tokens % 64:
+            return f"plan block of {plan.block_tokens} tokens unsupported on CUDA; use block_tokens 64 or 128"
+    elif q.device.type == "cpu":
+        if q.dtype not in CPU_DTYPES:
+            return f"dtype {q.dtype} unsupported on CPU; use torch.float32 or torch.bfloat16"
+    else:
+        return f"device {q.device.type!r} unsupported; use CUDA or CPU"
+    if q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
+        return f"head dim {q.shape[-1]} unsupported; FlexAttention wants a power of two >= 16"
+    return None
+
+
+def block_mask(plan: AttentionPlan, device: torch.device | str):
+    """The plan as a full-blocks-only ``BlockMask`` on ``device`` (cached per plan and device)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = torch.device(device)
+    per_device = _MASKS.setdefault(plan, {})
+    if str(device) not in per_device:
+        n = plan.n_blocks
+        seq = plan.layout.seq_tokens
+        full = torch.zeros(1, 1, n, n, dtype=torch.int32)  # width n_blocks; entries past the count are never read
+        full[0, 0, :, : plan.kv_indices.shape[1]] = plan.kv_indices.clamp(min=0)
+        kwargs = {}
+        if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+            kwargs["compute_q_blocks"] = False  # the transposed (backward-only) tables are not needed
+        per_device[str(device)] = BlockMask.from_kv_blocks(
+            torch.zeros(1, 1, n, dtype=torch.int32, device=device),
+            torch.zeros(1, 1, n, n, dtype=torch.int32, device=device),
+            full_kv_num_blocks=plan.kv_counts.view(1, 1, n).to(device),
+            full_kv_indices=full.to(device),
+            BLOCK_SIZE=plan.block_tokens,
+            seq_lengths=(seq, seq),
+            **kwargs,
+        )
+    return per_device[str(device)]
+
+
+def _compiled_flex() -> Callable:
+    if not _COMPILED:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        if getattr(config, name) < RECOMPILE_LIMIT:
+            log.info("raising torch._dynamo.config.%s %d -> %d (one flex compile per sequence shape)",
+                     name, getattr(config, name), RECOMPILE_LIMIT)
+            setattr(config, name, RECOMPILE_LIMIT)
+        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED[0]
+
+
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """q, k, v: (B, H, S, D) -> (B, H, S, D) through compiled FlexAttention under the plan's block mask."""
+    kernel_options = None
+    if q.device.type == "cuda" and plan.block_tokens < 128:
+        kernel_options = {"BLOCK_M": plan.block_tokens, "BLOCK_N": min(64, plan.block_tokens)}
+    return _compiled_flex()(q, k, v, block_mask=block_mask(plan, q.device), kernel_options=kernel_options)

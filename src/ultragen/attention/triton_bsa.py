@@ -1,0 +1,185 @@
+"""The ``triton`` and ``triton-int8`` backends: our own block-sparse forward kernels (inference only).
+
+``triton``: bf16/fp16 Q.K^T and P.V on the tensor cores, fp32 accumulators, online softmax in base 2; one program
+per (query block, batch*head) walks the plan's key-block list of that query block.
+
+``triton-int8`` (SageAttention-style, approximate): K is smoothed by subtracting a per-(batch, head) mean over
+tokens (exact: it shifts every score of a query row by the same amount, and softmax ignores that), then Q and K
+are quantized to int8 with one scale per 128-token block; Q.K^T runs as an int8 dot with int32 accumulation,
+and P.V as fp8 e4m3 (P scaled to [0, 448], V scaled per channel). The quantization pre-pass is part of the call.
+
+Requires CUDA, triton, bf16 or fp16 inputs, head dim 64 or 128, and a plan block of 64 or 128 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ultragen.policy import AttentionPlan
+
+HEAD_DIMS = (64, 128)
+BLOCKS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+K_MEAN_STRIDE = 8  # the smoothing mean is taken over every 8th token: any per-head constant keeps softmax exact
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one kernel; ``block_n`` must divide the plan block."""
+
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    use_tma: bool = False
+    v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
+
+
+# Chosen from the H100 sweep of bench/gpu_check_attention.py (see bench/results); keyed by (variant, head_dim).
+DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
+    ("bf16", 128): KernelConfig(block_n=64, num_warps=8, num_stages=3),
+    ("bf16", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
+    ("int8", 128): KernelConfig(block_n=64, num_warps=8, num_stages=3),
+    ("int8", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
+}
+
+_ROW_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan -> {device: heaviest-first order}
+
+
+def triton_missing() -> str | None:
+    """None when triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error}); it ships with CUDA builds of torch"
+    return None
+
+
+def why_not_triton(q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    """None when the triton kernels can run these inputs, else the reason."""
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} unsupported; cast q, k, v to torch.bfloat16 or torch.float16"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} unsupported; the kernels take {HEAD_DIMS}"
+    if plan.block_tokens not in BLOCKS:
+        return f"plan block of {plan.block_tokens} tokens unsupported; build the layout with block_tokens in {BLOCKS}"
+    if q.device.type != "cuda":
+        return f"needs a CUDA device, got {q.device.type!r}"
+    if reason := triton_missing():
+        return reason
+    if q.stride(-1) != 1:
+        return "the last dim of q, k, v must be contiguous (stride 1); call .contiguous()"
+    return None
+
+
+def _row_order(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
+    """(n_blocks,) int32 query blocks, most key blocks first (stable: equal rows keep sequence order)."""
+    per_device = _ROW_ORDER.setdefault(plan, {})
+    if str(device) not in per_device:
+        if int(plan.kv_counts.min()) < 1:
+            raise ValueError("every query block of the plan must read at least one key block; check the policy")
+        order = torch.argsort(-plan.kv_counts.long(), stable=True).to(torch.int32)
+        per_device[str(device)] = order.to(device)
+    return per_device[str(device)]
+
+
+def _config(variant: str, head_dim: int, plan: AttentionPlan, config: KernelConfig | None) -> KernelConfig:
+    config = config or DEFAULT_CONFIGS[(variant, head_dim)]
+    if plan.block_tokens % config.block_n:
+        config = KernelConfig(plan.block_tokens, config.num_warps, config.num_stages, config.use_tma, config.v_fp8)
+    return config
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention, bf16/fp16. q, k, v: (B, H, S, D) -> (B, H, S, D); ``out`` (same shape) is written
+    in place when given."""
+    from ultragen.attention import triton_kernels as kernels
+
+    batch, heads, seq, dim = q.shape
+    config = _config("bf16", dim, plan, config)
+    out = torch.empty_like(q) if out is None else out
+    counts, indices = plan.on(q.device, "kv_counts"), plan.on(q.device, "kv_indices")
+    order = _row_order(plan, q.device)
+    grid = (plan.n_blocks, batch * heads)
+    scale = 1.0 / math.sqrt(dim) * math.log2(math.e)
+    tensors = (q, k, v, out)
+    if config.use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        flat = [t.contiguous().view(batch * heads * seq, dim) for t in tensors[:3]]
+        out_flat = out if out.is_contiguous() else torch.empty_like(q)
+        flat.append(out_flat.view(batch * heads * seq, dim))
+        blocks = (plan.block_tokens, config.block_n, config.block_n, plan.block_tokens)
+        tensors = tuple(TensorDescriptor.from_tensor(t, [rows, dim]) for t, rows in zip(flat, blocks))
+    strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
+    kernels.bsa_fwd[grid](
+        *tensors, counts, indices, order, scale, *strides, heads, seq, indices.shape[1],
+        BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, USE_TMA=config.use_tma,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.use_tma and out_flat is not out:
+        out.copy_(out_flat)
+    return out
+
+
+def quantize_kv(
+    k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, v_fp8: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 pre-pass. k, v: (B, H, S, D) -> (k8 (B*H, S, D) int8, k_scale (B*H, n_blocks) fp32,
+    v8 (B*H, D, S) fp8 e4m3 or ``v`` itself, v_scale (B*H, D) fp32 with v = v8 * v_scale)."""
+    from ultragen.attention import triton_kernels as kernels
+
+    batch, heads, seq, dim = k.shape
+    bh = batch * heads
+    k_shift = k[:, :, ::K_MEAN_STRIDE].float().mean(dim=2).reshape(bh, dim).contiguous()
+    if v_fp8:
+        low, high = torch.aminmax(v, dim=2)
+        v_scale = (torch.maximum(-low.float(), high.float()).clamp(min=1e-20) / 448.0).reshape(bh, dim).contiguous()
+        v8 = torch.empty(bh, dim, seq, dtype=torch.float8_e4m3fn, device=k.device)
+    else:
+        v_scale = torch.ones(bh, dim, device=k.device)
+        v8 = v
+    k8 = torch.empty(bh, seq, dim, dtype=torch.int8, device=k.device)
+    k_scale = torch.empty(bh, plan.n_blocks, dtype=torch.float32, device=k.device)
+    kernels.smooth_quantize_kv[(plan.n_blocks, bh)](
+        k, v, k_shift, v_scale, k8, k_scale, v8, *k.stride()[:3], *v.stride()[:3], heads, seq, plan.n_blocks,
+        BLOCK=plan.block_tokens, HEAD_DIM=dim, V_FP8=v_fp8, num_warps=8,
+    )
+    return k8, k_scale, v8, v_scale
+
+
+def triton_int8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Approximate block-sparse attention (int8 Q.K^T, fp8 P.V). Shapes as :func:`triton_attention`."""
+    from ultragen.attention import triton_kernels as kernels
+
+    batch, heads, seq, dim = q.shape
+    config = _config("int8", dim, plan, config)
+    out = torch.empty_like(q) if out is None else out
+    k8, k_scale, v_in, v_scale = quantize_kv(k, v, plan, config.v_fp8)
+    counts, indices = plan.on(q.device, "kv_counts"), plan.on(q.device, "kv_indices")
+    order = _row_order(plan, q.device)
+    scale = 1.0 / math.sqrt(dim) * math.log2(math.e)
+    kernels.bsa_fwd_int8[(plan.n_blocks, batch * heads)](
+        q, k8, k_scale, v_in, v_scale, out, counts, indices, order, scale,
+        *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, seq, indices.shape[1], plan.n_blocks,
+        BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, V_FP8=config.v_fp8,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,171 @@
+"""Triton kernels of the block-sparse forward (imported lazily by :mod:`ultragen.attention.triton_bsa`).
+
+One program computes one query block (``BLOCK`` rows, the plan's block) of one (batch, head): it walks the
+block's key-block list ``indices[row, :counts[row]]`` in ``BLOCK_N``-token steps with an online softmax in base 2
+(the softmax scale is pre-multiplied by log2(e)) and fp32 accumulators. ``order`` lists the query blocks heaviest
+first, so the few long rows (text, guide) start early instead of forming a tail.
+
+Each tensor argument is either a plain pointer (with strides) or, when ``USE_TMA``, a host-built
+``TensorDescriptor`` over the 2D view (batch*heads*tokens, head_dim), read by the Hopper bulk-copy engine.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(t, bh_offset, desc_row, rows, stride_s, offs_d, USE_TMA: tl.constexpr):
+    """Tile (len(rows), HEAD_DIM) of one (batch, head): from descriptor ``t`` at ``desc_row``, or from pointer
+    ``t`` offset by ``bh_offset`` elements."""
+    if USE_TMA:
+        return t.load([desc_row, 0])
+    return tl.load(t + bh_offset + rows[:, None] * stride_s + offs_d[None, :])
+
+
+@triton.jit
+def bsa_fwd(
+    Q, K, V, O,
+    counts, indices, order,
+    qk_scale,  # 1/sqrt(D) * log2(e)
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    H, S, kv_width,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    row = tl.load(order + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = row * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    seq_row = bh * S  # first row of this (batch, head) in the 2D descriptor view
+    q = _load_rows(Q, b64 * stride_qb + h64 * stride_qh, seq_row + row * BLOCK, offs_m, stride_qs, offs_d, USE_TMA)
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    n_steps = tl.load(counts + row) * SUB
+    for step in range(n_steps):
+        kv_block = tl.load(indices + row * kv_width + step // SUB)
+        start = kv_block * BLOCK + (step % SUB) * BLOCK_N
+        k = _load_rows(K, b64 * stride_kb + h64 * stride_kh, seq_row + start, start + offs_n, stride_ks, offs_d, USE_TMA)
+        qk = tl.dot(q, k.T)  # (BLOCK, BLOCK_N) fp32
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(V, b64 * stride_vb + h64 * stride_vh, seq_row + start, start + offs_n, stride_vs, offs_d, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    out = (acc / l_i[:, None]).to(q.dtype)
+    if USE_TMA:
+        O.store([seq_row + row * BLOCK, 0], out)
+    else:
+        tl.store(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], out)
+
+
+@triton.jit
+def smooth_quantize_kv(
+    K, V, k_shift, v_scale, K8, k_scale, V8,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    H, S, n_blocks,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, V_FP8: tl.constexpr,
+):
+    """One token block of one (batch, head): K8 = round((K - shift) / s) int8 with s = amax / 127 per block
+    (written to k_scale[bh, blk]); V to fp8 e4m3 as V / v_scale (per channel), stored transposed (bh, D, S)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_s[:, None] * stride_ks
+                + offs_d[None, :]).to(tl.float32)
+    k = k - tl.load(k_shift + bh * HEAD_DIM + offs_d)[None, :]
+    scale = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-20) / 127.0
+    k = k / scale
+    k8 = tl.where(k >= 0, k + 0.5, k - 0.5).to(tl.int8)  # round half away from zero; |k| <= 127
+    out_rows = bh.to(tl.int64) * S + offs_s
+    tl.store(K8 + out_rows[:, None] * HEAD_DIM + offs_d[None, :], k8)
+    tl.store(k_scale + bh * n_blocks + blk, scale)
+    if V_FP8:
+        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_s[:, None] * stride_vs
+                    + offs_d[None, :]).to(tl.float32)
+        v = v / tl.load(v_scale + bh * HEAD_DIM + offs_d)[None, :]
+        v8 = tl.trans(v.to(tl.float8e4nv))  # (HEAD_DIM, BLOCK): fp8 wgmma wants the reduction dim contiguous
+        cols = bh.to(tl.int64) * HEAD_DIM + offs_d
+        tl.store(V8 + cols[:, None] * S + offs_s[None, :], v8)
+
+
+@triton.jit
+def bsa_fwd_int8(
+    Q, K8, k_scale, V, v_scale, O,
+    counts, indices, order,
+    qk_scale,  # 1/sqrt(D) * log2(e)
+    stride_qb, stride_qh, stride_qs,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    H, S, kv_width, n_blocks,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, V_FP8: tl.constexpr,
+):
+    """SageAttention-style: int8 Q.K^T (Q quantized here per query block, K by ``smooth_quantize_kv``), then
+    P.V with P in [0, 448] as fp8 e4m3 against the fp8 V (``V_FP8``; V is then (bh, D, S)) or in V's dtype."""
+    row = tl.load(order + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = row * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :])
+    out_dtype = q.dtype
+    qf = q.to(tl.float32)
+    q_scale = tl.maximum(tl.max(tl.max(tl.abs(qf), 1), 0), 1e-20) / 127.0
+    qf = qf / q_scale
+    q8 = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int8)
+    q_scale = q_scale * qk_scale
+
+    k_rows = K8 + bh.to(tl.int64) * S * HEAD_DIM
+    if V_FP8:
+        v_base = V + bh.to(tl.int64) * HEAD_DIM * S
+    else:
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    n_steps = tl.load(counts + row) * SUB
+    for step in range(n_steps):
+        kv_block = tl.load(indices + row * kv_width + step // SUB)
+        start = kv_block * BLOCK + (step % SUB) * BLOCK_N
+        k8 = tl.load(k_rows + (start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
+        s_scale = q_scale * tl.load(k_scale + bh * n_blocks + kv_block)
+        s = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32) * s_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if V_FP8:
+            v = tl.load(v_base + offs_d[:, None] * S + (start + offs_n)[None, :])  # (HEAD_DIM, BLOCK_N) fp8
+            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v.T, acc)
+        else:
+            v = tl.load(v_base + (start + offs_n)[:, None] * stride_vs + offs_d[None, :])
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    if V_FP8:
+        acc = acc * (tl.load(v_scale + bh * HEAD_DIM + offs_d) / 448.0)[None, :]
+    out = (acc / l_i[:, None]).to(out_dtype)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out)

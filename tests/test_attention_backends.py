@@ -1,0 +1,208 @@
+"""The fast attention backends (flex, triton, triton-int8) against exact block-sparse attention.
+
+The float32 truth on the GPU is ``gathered_attention``: each query block attends, without a mask, to exactly the
+keys its plan row lists (gathered), so no SDPA ever sees a mask over more than 65,536 keys (the masked EFFICIENT
+SDPA kernel is wrong there). The same function in bf16 (SDPA flash) is the "bf16 dense masked SDPA" noise level
+of the flash-attn rule: a bf16 backend's max error may be at most twice it.
+"""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ultragen.attention import Backend, attend, pick_backend, why_not
+from ultragen.attention.flex import block_mask
+from ultragen.layout import make_layout
+from ultragen.policy import build_plan
+
+GPU_SIZES = ["1024x1024", "2048x2048", "4096x4096", "8192x8192", "4096x2048", "3840x2160"]  # width x height
+GATHER_BYTES = 1 << 30
+
+
+def gathered_attention(q, k, v, plan, dtype=torch.float32):
+    """Exact block-sparse attention: (B, H, S, D) -> (B, H, S, D) in ``dtype``, query blocks grouped by key count."""
+    b = plan.block_tokens
+    batch, heads, seq, dim = q.shape
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    out = torch.empty_like(q)
+    blocks_out = out.view(batch, heads, -1, b, dim)
+    blocks_q = q.view(batch, heads, -1, b, dim)
+    counts, indices = plan.kv_counts.to(q.device), plan.kv_indices.to(q.device).long()
+    for count in counts.unique().tolist():
+        rows = (counts == count).nonzero().flatten()
+        per_chunk = max(1, GATHER_BYTES // (batch * heads * count * b * dim * q.element_size() * 2))
+        for chunk in rows.split(per_chunk):
+            g = len(chunk)
+            tokens = (indices[chunk, :count, None] * b + torch.arange(b, device=q.device)).reshape(g, count * b)
+            keys = k[:, :, tokens].reshape(batch, heads * g, count * b, dim)
+            values = v[:, :, tokens].reshape(batch, heads * g, count * b, dim)
+            queries = blocks_q[:, :, chunk].reshape(batch, heads * g, b, dim)
+            blocks_out[:, :, chunk] = F.scaled_dot_product_attention(queries, keys, values).view(
+                batch, heads, g, b, dim
+            )
+    return out
+
+
+def _tiny_plan(block_tokens=8):
+    layout = make_layout(16 * 12, 16 * 8, window_tokens=4, rho=2, text_tokens=8, block_tokens=block_tokens)
+    return build_plan(layout, "default")
+
+
+def _plan(size):
+    width, height = (int(s) for s in size.split("x"))
+    return build_plan(make_layout(height, width), "default")
+
+
+def _qkv(plan, heads=2, dim=128, dtype=torch.bfloat16, device="cpu", seed=0, k_offset=0.0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (1, heads, plan.layout.seq_tokens, dim)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) for _ in range(3))
+    if k_offset:
+        k = k + k_offset * torch.randn(dim, generator=gen, device=device)  # one large offset shared by all keys
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# --- CPU ---------------------------------------------------------------------------------------------------------
+def test_gathered_attention_equals_the_reference_backend():
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, heads=3, dim=16, dtype=torch.float64, seed=1)
+    torch.testing.assert_close(gathered_attention(q, k, v, plan, torch.float64), attend(q, k, v, plan, "reference"),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, dim, block, reason",
+    [
+        ("triton", torch.float32, 128, 128, "dtype torch.float32 unsupported"),
+        ("triton", torch.bfloat16, 96, 128, "head dim 96 unsupported"),
+        ("triton", torch.bfloat16, 128, 8, "plan block of 8 tokens unsupported"),
+        ("triton", torch.bfloat16, 128, 128, "needs a CUDA device"),
+        ("triton-int8", torch.float16, 64, 64, "needs a CUDA device"),
+        ("flex", torch.float16, 64, 8, "dtype torch.float16 unsupported on CPU"),
+        ("flex", torch.float32, 24, 8, "head dim 24 unsupported"),
+    ],
+)
+def test_why_not_gives_the_reason(backend, dtype, dim, block, reason):
+    plan = _tiny_plan(block) if block == 8 else build_plan(make_layout(256, 256, text_tokens=block, block_tokens=block))
+    q = torch.zeros(1, 1, plan.layout.seq_tokens, dim, dtype=dtype)
+    assert reason in (why_not(Backend(backend), q, q, q, plan) or "")
+
+
+def test_auto_is_the_reference_on_cpu_and_says_why(caplog):
+    plan = _tiny_plan()
+    q = torch.randn(1, 2, plan.layout.seq_tokens, 16)
+    with caplog.at_level(logging.DEBUG, logger="ultragen.attention"):
+        assert pick_backend(q, q, q, plan) is Backend.REFERENCE
+    assert "triton skipped" in caplog.text and "flex skipped" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton-int8"])
+def test_explicit_triton_on_cpu_raises_with_the_reason(backend):
+    plan = build_plan(make_layout(256, 256, text_tokens=64, block_tokens=64))
+    q = torch.randn(1, 1, plan.layout.seq_tokens, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"'{backend}' cannot run here: needs a CUDA device"):
+        attend(q, q, q, plan, backend)
+
+
+def test_flex_block_mask_is_the_block_table():
+    plan = _tiny_plan()
+    mask = block_mask(plan, "cpu")
+    assert mask.full_kv_indices.shape[-1] == plan.n_blocks  # as wide as the key blocks, not the row maximum
+    assert int(mask.kv_num_blocks.sum()) == 0  # no partial blocks
+    assert torch.equal(mask.to_dense()[0, 0].bool(), plan.block_table())
+    assert block_mask(plan, "cpu") is mask  # cached
+
+
+def test_flex_on_cpu_matches_the_reference_without_recompiling():
+    """Compiled FlexAttention on CPU (the eager path was measured wrong, and is never used)."""
+    import torch._dynamo
+
+    plan = _tiny_plan()
+    for seed in (0, 1):  # the second call, with fresh tensors of the same shape, must not recompile
+        q, k, v = _qkv(plan, heads=2, dim=16, dtype=torch.float32, seed=seed)
+        with torch._dynamo.config.patch(error_on_recompile=seed == 1):
+            out = attend(q, k, v, plan, "flex")
+        expected = attend(q.double(), k.double(), v.double(), plan, "reference")
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+def _poisoned_call(backend, q, k, v, plan):
+    """Run ``backend``; where the kernel takes an output buffer, hand it one filled with NaN."""
+    from ultragen.attention.triton_bsa import triton_attention, triton_int8_attention
+
+    if backend in ("triton", "triton-int8"):
+        out = torch.full_like(q, float("nan"))
+        fn = triton_attention if backend == "triton" else triton_int8_attention
+        assert why_not(Backend(backend), q, k, v, plan) is None
+        result = fn(q, k, v, plan, out=out)
+        assert result is out
+    else:
+        out = attend(q, k, v, plan, backend)
+    torch.cuda.synchronize()
+    assert out.isfinite().all(), f"{backend}: {int((~out.isfinite()).any(-1).sum())} rows not written or not finite"
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", GPU_SIZES)
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_bf16_backend_within_twice_the_bf16_sdpa_error(backend, size):
+    plan = _plan(size)
+    q, k, v = _qkv(plan, device="cuda", seed=GPU_SIZES.index(size))
+    exact = gathered_attention(q, k, v, plan, torch.float32)
+    noise = (gathered_attention(q, k, v, plan, torch.bfloat16).float() - exact).abs().max().item()
+    err = (_poisoned_call(backend, q, k, v, plan).float() - exact).abs().max().item()
+    assert err <= 2 * noise + 1e-5, f"{backend} at {size}: max err {err:.2e} > 2 x bf16 SDPA error {noise:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k_offset", [0.0, 30.0])
+@pytest.mark.parametrize("size", GPU_SIZES)
+def test_int8_cosine_per_head(size, k_offset):
+    plan = _plan(size)
+    q, k, v = _qkv(plan, device="cuda", seed=7, k_offset=k_offset)
+    exact = gathered_attention(q, k, v, plan, torch.float32)
+    out = _poisoned_call("triton-int8", q, k, v, plan).float()
+    cos = F.cosine_similarity(out.flatten(2), exact.flatten(2), dim=-1).min().item()
+    assert cos >= 0.999, f"triton-int8 at {size}, K offset {k_offset}: min cosine per head {cos:.5f} < 0.999"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["flex", "triton", "triton-int8"])
+def test_head_dim_64_and_fp16(backend, dtype):
+    plan = _plan("2048x2048")
+    q, k, v = _qkv(plan, heads=3, dim=64, dtype=dtype, device="cuda", seed=3)
+    exact = gathered_attention(q, k, v, plan, torch.float32)
+    out = _poisoned_call(backend, q, k, v, plan).float()
+    if backend == "triton-int8":
+        cos = F.cosine_similarity(out.flatten(2), exact.flatten(2), dim=-1).min().item()
+        assert cos >= 0.999, f"triton-int8 {dtype} d64: min cosine per head {cos:.5f}"
+    else:
+        noise = (gathered_attention(q, k, v, plan, dtype).float() - exact).abs().max().item()
+        err = (out - exact).abs().max().item()
+        assert err <= 2 * noise + 1e-5, f"{backend} {dtype} d64: max err {err:.2e} > 2 x {noise:.2e}"
+
+
+@pytest.mark.gpu
+def test_flex_does_not_recompile_on_fresh_inputs():
+    import torch._dynamo
+
+    plan = _plan("1024x1024")
+    attend(*_qkv(plan, heads=4, device="cuda", seed=0), plan, "flex")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        q, k, v = _qkv(plan, heads=4, device="cuda", seed=1)
+        out = attend(q, k, v, plan, "flex")
+    exact = gathered_attention(q, k, v, plan, torch.float32)
+    assert (out.float() - exact).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_is_an_exact_fast_backend():
+    plan = _plan("1024x1024")
+    q = torch.randn(1, 2, plan.layout.seq_tokens, 128, device="cuda", dtype=torch.bfloat16)
+    assert pick_backend(q, q, q, plan) in (Backend.TRITON, Backend.FLEX)
+    assert pick_backend(q.float(), q.float(), q.float(), plan) is Backend.REFERENCE
