@@ -126,6 +126,9 @@ def test_flex_on_cpu_matches_the_reference_without_recompiling():
             out = attend(q, k, v, plan, "flex")
         expected = attend(q.double(), k.double(), v.double(), plan, "reference")
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    rows = plan.layout.seq_tokens - plan.layout.guide_tokens  # leading blocks only (guide rows cached)
+    torch.testing.assert_close(attend(q[:, :, :rows], k, v, plan, "flex").double(), expected[:, :, :rows],
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------------
@@ -185,6 +188,19 @@ def test_head_dim_64_and_fp16(backend, dtype):
         noise = (gathered_attention(q, k, v, plan, dtype).float() - exact).abs().max().item()
         err = (out - exact).abs().max().item()
         assert err <= 2 * noise + 1e-5, f"{backend} {dtype} d64: max err {err:.2e} > 2 x {noise:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "triton", "triton-int8"])
+def test_leading_query_blocks_only(backend):
+    plan = _plan("2048x2048")
+    q, k, v = _qkv(plan, device="cuda", seed=5)
+    rows = plan.layout.seq_tokens - plan.layout.guide_tokens
+    exact = gathered_attention(q, k, v, plan)[:, :, :rows]
+    out = _poisoned_call(backend, q[:, :, :rows], k, v, plan).float()
+    assert out.shape == exact.shape
+    cos = F.cosine_similarity(out.flatten(2), exact.flatten(2), dim=-1).min().item()
+    assert cos >= (0.999 if backend == "triton-int8" else 0.99999), f"{backend}: min cosine per head {cos:.6f}"
 
 
 @pytest.mark.gpu

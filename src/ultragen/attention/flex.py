@@ -59,30 +59,33 @@ def why_not_flex(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     return None
 
 
-def block_mask(plan: AttentionPlan, device: torch.device | str):
-    """The plan as a full-blocks-only ``BlockMask`` on ``device`` (cached per plan and device)."""
+def block_mask(plan: AttentionPlan, device: torch.device | str, q_blocks: int | None = None):
+    """The plan's leading ``q_blocks`` query rows (default all) as a full-blocks-only ``BlockMask`` on ``device``
+    (cached per plan, device and row count)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device)
-    per_device = _MASKS.setdefault(plan, {})
-    if str(device) not in per_device:
-        n = plan.n_blocks
-        seq = plan.layout.seq_tokens
-        full = torch.zeros(1, 1, n, n, dtype=torch.int32)  # width n_blocks; entries past the count are never read
-        full[0, 0, :, : plan.kv_indices.shape[1]] = plan.kv_indices.clamp(min=0)
+    n = plan.n_blocks
+    rows = n if q_blocks is None else q_blocks
+    per_plan = _MASKS.setdefault(plan, {})
+    key = (str(device), rows)
+    if key not in per_plan:
+        b = plan.block_tokens
+        full = torch.zeros(1, 1, rows, n, dtype=torch.int32)  # width n_blocks; entries past the count are not read
+        full[0, 0, :, : plan.kv_indices.shape[1]] = plan.kv_indices[:rows].clamp(min=0)
         kwargs = {}
         if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
             kwargs["compute_q_blocks"] = False  # the transposed (backward-only) tables are not needed
-        per_device[str(device)] = BlockMask.from_kv_blocks(
-            torch.zeros(1, 1, n, dtype=torch.int32, device=device),
-            torch.zeros(1, 1, n, n, dtype=torch.int32, device=device),
-            full_kv_num_blocks=plan.kv_counts.view(1, 1, n).to(device),
+        per_plan[key] = BlockMask.from_kv_blocks(
+            torch.zeros(1, 1, rows, dtype=torch.int32, device=device),
+            torch.zeros(1, 1, rows, n, dtype=torch.int32, device=device),
+            full_kv_num_blocks=plan.kv_counts[:rows].view(1, 1, rows).to(device),
             full_kv_indices=full.to(device),
-            BLOCK_SIZE=plan.block_tokens,
-            seq_lengths=(seq, seq),
+            BLOCK_SIZE=b,
+            seq_lengths=(rows * b, n * b),
             **kwargs,
         )
-    return per_device[str(device)]
+    return per_plan[key]
 
 
 def _compiled_flex() -> Callable:
@@ -101,8 +104,10 @@ def _compiled_flex() -> Callable:
 
 
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """q, k, v: (B, H, S, D) -> (B, H, S, D) through compiled FlexAttention under the plan's block mask."""
+    """q: (B, H, Sq, D) (the first Sq tokens, whole blocks), k, v: (B, H, S, D) -> (B, H, Sq, D), through compiled
+    FlexAttention under the plan's block mask."""
     kernel_options = None
     if q.device.type == "cuda" and plan.block_tokens < 128:
         kernel_options = {"BLOCK_M": plan.block_tokens, "BLOCK_N": min(64, plan.block_tokens)}
-    return _compiled_flex()(q, k, v, block_mask=block_mask(plan, q.device), kernel_options=kernel_options)
+    return _compiled_flex()(q, k, v, block_mask=block_mask(plan, q.device, q.shape[-2] // plan.block_tokens),
+                            kernel_options=kernel_options)

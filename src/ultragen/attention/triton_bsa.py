@@ -75,15 +75,17 @@ def why_not_triton(q: torch.Tensor, plan: AttentionPlan) -> str | None:
     return None
 
 
-def _row_order(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
-    """(n_blocks,) int32 query blocks, most key blocks first (stable: equal rows keep sequence order)."""
-    per_device = _ROW_ORDER.setdefault(plan, {})
-    if str(device) not in per_device:
-        if int(plan.kv_counts.min()) < 1:
+def _row_order(plan: AttentionPlan, device: torch.device, q_blocks: int) -> torch.Tensor:
+    """(q_blocks,) int32: the leading ``q_blocks`` query blocks, most key blocks first (stable: equal rows keep
+    sequence order), so the long rows start early instead of forming a tail."""
+    per_plan = _ROW_ORDER.setdefault(plan, {})
+    key = (str(device), q_blocks)
+    if key not in per_plan:
+        counts = plan.kv_counts[:q_blocks].long()
+        if int(counts.min()) < 1:
             raise ValueError("every query block of the plan must read at least one key block; check the policy")
-        order = torch.argsort(-plan.kv_counts.long(), stable=True).to(torch.int32)
-        per_device[str(device)] = order.to(device)
-    return per_device[str(device)]
+        per_plan[key] = torch.argsort(-counts, stable=True).to(torch.int32).to(device)
+    return per_plan[key]
 
 
 def _config(variant: str, head_dim: int, plan: AttentionPlan, config: KernelConfig | None) -> KernelConfig:
@@ -101,29 +103,30 @@ def triton_attention(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention, bf16/fp16. q, k, v: (B, H, S, D) -> (B, H, S, D); ``out`` (same shape) is written
-    in place when given."""
+    """Block-sparse attention, bf16/fp16. q: (B, H, Sq, D) (the first Sq tokens, whole blocks), k, v: (B, H, S, D)
+    -> (B, H, Sq, D); ``out`` (like q) is written in place when given."""
     from ultragen.attention import triton_kernels as kernels
 
-    batch, heads, seq, dim = q.shape
+    batch, heads, rows, dim = q.shape
+    seq = k.shape[-2]
     config = _config("bf16", dim, plan, config)
     out = torch.empty_like(q) if out is None else out
     counts, indices = plan.on(q.device, "kv_counts"), plan.on(q.device, "kv_indices")
-    order = _row_order(plan, q.device)
-    grid = (plan.n_blocks, batch * heads)
+    order = _row_order(plan, q.device, rows // plan.block_tokens)
+    grid = (len(order), batch * heads)
     scale = 1.0 / math.sqrt(dim) * math.log2(math.e)
     tensors = (q, k, v, out)
     if config.use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        flat = [t.contiguous().view(batch * heads * seq, dim) for t in tensors[:3]]
+        flat = [t.contiguous().view(-1, dim) for t in tensors[:3]]
         out_flat = out if out.is_contiguous() else torch.empty_like(q)
-        flat.append(out_flat.view(batch * heads * seq, dim))
+        flat.append(out_flat.view(-1, dim))
         blocks = (plan.block_tokens, config.block_n, config.block_n, plan.block_tokens)
         tensors = tuple(TensorDescriptor.from_tensor(t, [rows, dim]) for t, rows in zip(flat, blocks))
     strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
     kernels.bsa_fwd[grid](
-        *tensors, counts, indices, order, scale, *strides, heads, seq, indices.shape[1],
+        *tensors, counts, indices, order, scale, *strides, heads, rows, seq, indices.shape[1],
         BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, USE_TMA=config.use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -169,14 +172,15 @@ def triton_int8_attention(
     """Approximate block-sparse attention (int8 Q.K^T, fp8 P.V). Shapes as :func:`triton_attention`."""
     from ultragen.attention import triton_kernels as kernels
 
-    batch, heads, seq, dim = q.shape
+    batch, heads, rows, dim = q.shape
+    seq = k.shape[-2]
     config = _config("int8", dim, plan, config)
     out = torch.empty_like(q) if out is None else out
     k8, k_scale, v_in, v_scale = quantize_kv(k, v, plan, config.v_fp8)
     counts, indices = plan.on(q.device, "kv_counts"), plan.on(q.device, "kv_indices")
-    order = _row_order(plan, q.device)
+    order = _row_order(plan, q.device, rows // plan.block_tokens)
     scale = 1.0 / math.sqrt(dim) * math.log2(math.e)
-    kernels.bsa_fwd_int8[(plan.n_blocks, batch * heads)](
+    kernels.bsa_fwd_int8[(len(order), batch * heads)](
         q, k8, k_scale, v_in, v_scale, out, counts, indices, order, scale,
         *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, seq, indices.shape[1], plan.n_blocks,
         BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, V_FP8=config.v_fp8,

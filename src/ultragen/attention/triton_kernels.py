@@ -33,7 +33,7 @@ def bsa_fwd(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    H, S, kv_width,
+    H, S_Q, S, kv_width,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     row = tl.load(order + tl.program_id(0))
@@ -45,8 +45,9 @@ def bsa_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    seq_row = bh * S  # first row of this (batch, head) in the 2D descriptor view
-    q = _load_rows(Q, b64 * stride_qb + h64 * stride_qh, seq_row + row * BLOCK, offs_m, stride_qs, offs_d, USE_TMA)
+    seq_row = bh * S  # first key row of this (batch, head) in the 2D descriptor views of K and V
+    q_row = bh * S_Q + row * BLOCK  # ... and of this query block in those of Q and O
+    q = _load_rows(Q, b64 * stride_qb + h64 * stride_qh, q_row, offs_m, stride_qs, offs_d, USE_TMA)
 
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -68,7 +69,7 @@ def bsa_fwd(
         m_i = m_new
     out = (acc / l_i[:, None]).to(q.dtype)
     if USE_TMA:
-        O.store([seq_row + row * BLOCK, 0], out)
+        O.store([q_row, 0], out)
     else:
         tl.store(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], out)
 
