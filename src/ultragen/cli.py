@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(run=run_plan)
     _add_bench_parser(commands)
+    _add_generate_parser(commands)
+    _add_decode_parser(commands)
     return parser
 
 
@@ -69,6 +71,80 @@ def run_bench_attention(args: argparse.Namespace) -> int:
     rows = attention.run(args.sizes)
     print(attention.format_table(rows))
     print(f"wrote {attention.write_results(rows, args.out or attention.results_path())}")
+    return 0
+
+
+def _add_generate_parser(commands) -> None:
+    gen = commands.add_parser("generate", help="prompt -> high-resolution PNG (guide, hierarchical pass, tiled decode)")
+    gen.add_argument("--model", required=True, help="Hugging Face id, local diffusers folder, or tiny-random")
+    gen.add_argument("--prompt", help="what to draw")
+    gen.add_argument("--prompts-file", help="text file, one prompt per line ('#' comments); seeds count up")
+    gen.add_argument("--width", type=_positive_int, required=True, help="image width in pixels (multiple of 16)")
+    gen.add_argument("--height", type=_positive_int, required=True, help="image height in pixels (multiple of 16)")
+    gen.add_argument("--seed", type=_positive_int, default=0, help="seed of the first prompt (default 0)")
+    gen.add_argument("--steps", type=_positive_int, help="N, hires schedule length (dev: 28, schnell: 4)")
+    gen.add_argument("--guide-steps", type=_positive_int, help="stage-A steps (dev: 28, schnell: 4)")
+    gen.add_argument("--warm-start-skip", type=_positive_int, help="k, hires steps skipped (dev: 10, schnell: 1)")
+    gen.add_argument("--guidance", type=float, help="hires guidance embedding (dev: 4.5)")
+    gen.add_argument("--guide-guidance", type=float, help="stage-A guidance embedding (dev: 3.5)")
+    gen.add_argument("--rho", type=_positive_int, default=4, help="guide downscale per side (default 4)")
+    gen.add_argument("--window", type=_positive_int, default=16, help="window side in tokens (default 16)")
+    gen.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    gen.add_argument("--backend", default="auto", help="attention backend (default auto)")
+    gen.add_argument("--shift", type=float, help="static shift of the hires schedule (default: the model's)")
+    gen.add_argument("--sharpen", type=float, default=0.5, help="warm-start unsharp-mask strength (default 0.5)")
+    gen.add_argument("--ntk", type=float, default=1.0, help="RoPE NTK factor of the hires pass (default 1)")
+    gen.add_argument("--cascade", type=_positive_int, nargs="?", const=2, default=1, metavar="LEVELS",
+                     help="chain LEVELS hierarchical passes, each output the next guide (flag alone: 2)")
+    gen.add_argument("--lora", help="guide LoRA .safetensors written by ultragen train")
+    gen.add_argument("--lora-force", action="store_true", help="use the LoRA even if its settings differ")
+    gen.add_argument("--vae-tile", type=_positive_int, help="VAE decode tile in pixels (default: the VAE's)")
+    gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
+    gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
+    gen.add_argument("--force", action="store_true", help="overwrite existing files")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from ultragen.pipeline.config import GenerationConfig
+    from ultragen.pipeline.job import generate_files, prepare_generation
+
+    config = GenerationConfig(
+        height_px=args.height, width_px=args.width, model=args.model, seed=args.seed, steps=args.steps,
+        guide_steps=args.guide_steps, warm_start_skip=args.warm_start_skip, guidance_scale=args.guidance,
+        guide_guidance_scale=args.guide_guidance, rho=args.rho, window_tokens=args.window, policy=args.policy,
+        backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
+        cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
+        offload_text_encoders=args.offload_text_encoders,
+    )
+    job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
+                             dtype=args.dtype, lora_allow_mismatch=args.lora_force)
+    generate_files(job, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def _add_decode_parser(commands) -> None:
+    dec = commands.add_parser("decode", help="decode a latent saved by generate (e.g. after running out of memory)")
+    dec.add_argument("latent_file", help="NAME.latent.safetensors written by ultragen generate")
+    dec.add_argument("--tile-size", type=_positive_int, help="VAE tile in pixels (smaller: less memory), e.g. 512")
+    dec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    dec.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, ...")
+    dec.add_argument("--model", help="take the VAE from this model instead of the one recorded in the file")
+    dec.add_argument("--out", help="PNG to write (default: NAME.png next to the latent)")
+    dec.add_argument("--force", action="store_true", help="overwrite an existing PNG")
+    dec.add_argument("--quiet", action="store_true", help="no progress bar")
+    dec.set_defaults(run=run_decode)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from ultragen.pipeline.job import decode_file
+
+    path = decode_file(args.latent_file, out=args.out, tile_px=args.tile_size, device=args.device, dtype=args.dtype,
+                       model=args.model, force=args.force, progress=not args.quiet)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

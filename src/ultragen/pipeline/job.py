@@ -1,0 +1,170 @@
+"""What ``ultragen generate`` and ``ultragen decode`` do, as library functions: prompts in, checked files out.
+
+:func:`prepare_generation` checks everything that can be checked without a model (sizes, settings, prompts, output
+paths, LoRA file) and raises ValueError before anything is loaded or written. :func:`generate_files` then loads the
+model and, for each prompt, saves the latent, decodes it, and writes the PNG and its JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ultragen import __version__
+from ultragen.pipeline.config import GenerationConfig
+from ultragen.pipeline.outputs import OutputPaths, check_writable, plan_outputs, png_text, write_json, write_png
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything one ``ultragen generate`` run does, checked. ``config.seed`` is the first prompt's seed; prompt i
+    uses ``seed + i``."""
+
+    config: GenerationConfig
+    prompts: tuple[str, ...]
+    outputs: tuple[OutputPaths, ...]
+    device: str
+    dtype: str
+    lora_allow_mismatch: bool = False
+
+    def seeds(self) -> list[int]:
+        return [self.config.seed + i for i in range(len(self.prompts))]
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """One prompt, or the non-blank, non-# lines of a text file. Raises ValueError if there is none."""
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("pass exactly one of --prompt TEXT and --prompts-file FILE")
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; describe the image, e.g. --prompt \"a red fox in the snow\"")
+        return [prompt.strip()]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise ValueError(f"prompts file {prompts_file!r} does not exist; pass a text file with one prompt per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read prompts file {prompts_file!r} ({error}); pass a UTF-8 text file") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {prompts_file!r} has no prompts; write one prompt per line ('#' = comment)")
+    return prompts
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """("auto" -> cuda if available else cpu; dtype "auto" -> bfloat16 on GPU, float32 on CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU; use --device cpu")
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use auto or one of {sorted(DTYPES)}")
+    return device, dtype
+
+
+def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_file: str | None, out: str | None,
+                       force: bool = False, device: str = "auto", dtype: str = "auto",
+                       lora_allow_mismatch: bool = False) -> GenerationJob:
+    """Check the whole run before any model is loaded; raises ValueError with the value, the rule and the fix."""
+    if not config.model:
+        raise ValueError("no model given; pass --model with a Hugging Face id, a local folder, or tiny-random")
+    prompts = read_prompts(prompt, prompts_file)
+    seeds = [config.seed + i for i in range(len(prompts))]
+    if seeds[-1] > 2**63 - 1:
+        raise ValueError(f"seed={config.seed} + {len(prompts) - 1} prompts passes the largest seed 2**63-1")
+    outputs = plan_outputs(out, prompts, seeds, force)
+    device, dtype = resolve_device(device, dtype)
+    return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch)
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"ultragen": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: GenerationJob, pipe,
+            timings: dict[str, float]) -> dict:
+    from ultragen.pipeline.schedule import warm_start_sigma
+
+    layouts = config.layouts()
+    return {
+        "prompt": prompt,
+        "config": config.to_record(),
+        "model_family": pipe.defaults.family.value,
+        "image_size_px": [config.width_px, config.height_px],
+        "guide_size_px": [config.guide_size_px[1], config.guide_size_px[0]],
+        "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
+        "warm_start_sigma": warm_start_sigma(config.steps, config.warm_start_skip, config.shift),
+        "lora": None if pipe.lora_metadata is None else json.loads(pipe.lora_metadata.to_json()),
+        "device": job.device if job.device == "cpu" else torch.cuda.get_device_name(torch.device(job.device)),
+        "dtype": job.dtype,
+        "files": {"image": paths.image.name, "latent": paths.latent.name, "sidecar": paths.sidecar.name},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+    }
+
+
+def generate_files(job: GenerationJob, progress: bool = True, log=print) -> list[dict]:
+    """Run ``job``: load the model, then per prompt save the latent, decode, write PNG + sidecar. Returns records."""
+    from ultragen.pipeline.decode import save_latent, to_pil
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+
+    pipe = UltraGenPipeline.from_pretrained(job.config.model, dtype=DTYPES[job.dtype]).to(job.device)
+    if job.config.lora_path is not None:
+        pipe.load_lora(job.config.lora_path, pipe.resolve(job.config), allow_mismatch=job.lora_allow_mismatch)
+    records = []
+    for prompt, seed, paths in zip(job.prompts, job.seeds(), job.outputs):
+        config = pipe.resolve(replace(job.config, seed=seed))
+        latents, _, timings = pipe.generate_latents(prompt, config, progress=progress)
+        save_latent(paths.latent, latents, config.to_record(), prompt)  # before decoding: an OOM loses nothing
+        start = time.perf_counter()
+        image = to_pil(pipe.decode(latents, config.vae_tile_px, progress=progress))[0]
+        timings["decode"] = time.perf_counter() - start
+        record = _record(prompt, config, paths, job, pipe, timings)
+        write_png(paths.image, image, png_text(record))
+        write_json(paths.sidecar, record)
+        log(f"wrote {paths.image} ({image.width}x{image.height}), {paths.sidecar.name}, {paths.latent.name}")
+        records.append(record)
+    return records
+
+
+def decode_file(latent_path: str, out: str | None = None, tile_px: int | None = None, device: str = "auto",
+                dtype: str = "auto", model: str | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Decode a latent saved by ``generate`` into a PNG (default: next to it, ``NAME.png``). Returns the PNG path."""
+    from ultragen.pipeline.decode import decode_latents, load_latent, to_pil
+    from ultragen.pipeline.loading import load_vae
+
+    if tile_px is not None and (tile_px < 128 or tile_px % 64):
+        raise ValueError(f"--tile-size {tile_px} must be a multiple of 64 px, at least 128 (e.g. 512)")
+    source = Path(latent_path)
+    latents, config, prompt = load_latent(source)
+    default_name = source.name.removesuffix(".safetensors").removesuffix(".latent") + ".png"
+    image_path = Path(out) if out is not None else source.with_name(default_name)
+    if image_path.suffix.lower() != ".png":
+        raise ValueError(f"--out {str(image_path)!r} must be a .png file name")
+    check_writable(image_path.parent)
+    if image_path.exists() and not force:
+        raise ValueError(f"{str(image_path)!r} already exists; pass --force to overwrite it or choose another --out")
+    device, dtype = resolve_device(device, dtype)
+    vae = load_vae(model or config["model"], DTYPES[dtype]).to(device)
+    image = to_pil(decode_latents(vae, latents, tile_px, progress))[0]
+    record = {"prompt": prompt, "config": config, "versions": versions()}
+    write_png(image_path, image, png_text(record))
+    return image_path

@@ -1,0 +1,91 @@
+"""Load FLUX.1 components from a Hugging Face id, a local folder, or ``tiny-random``; fail fast and helpfully.
+
+No network is touched when ``HF_HUB_OFFLINE=1`` is set; without it a hub id is first looked up in the local cache and
+only then downloaded, as diffusers' ``from_pretrained`` does. A missing model raises :class:`MissingWeightsError`
+(a ValueError, so the CLI exits 2) that says what to download and where.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+TINY_RANDOM = "tiny-random"  # the model name of the built-in random-weight pipeline (ultragen.pipeline.tiny)
+
+
+class MissingWeightsError(ValueError):
+    """The model's weights are not on this machine (and may not be downloaded)."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``owner/name``; anything else with a path shape is meant as a folder."""
+    return model.startswith((".", "/", "~")) or model.endswith("/") or model.count("/") > 1 or "\\" in model
+
+
+def missing_weights_message(model: str, reason: str) -> str:
+    offline = "HF_HUB_OFFLINE=1 is set, which forbids downloads; " if hub_offline() else ""
+    return (
+        f"model {model!r} is not available here ({reason}); {offline}download it first with "
+        f"`hf download {model}` (gated models such as FLUX.1-dev: accept the license on huggingface.co and run "
+        f"`hf auth login` first) into the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface), or pass "
+        f"--model /path/to/a/folder with model_index.json (a diffusers FLUX.1 snapshot); "
+        f"--model {TINY_RANDOM} runs offline with random weights"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _from_pretrained(cls, model: str, **kwargs):
+    """``cls.from_pretrained(model, **kwargs)`` from a folder, the cache, or (online only) the hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+            raise MissingWeightsError(missing_weights_message(model, f"folder {path} has no model_index.json"))
+        return cls.from_pretrained(path, **kwargs)
+    if _looks_like_path(model):
+        raise MissingWeightsError(missing_weights_message(model, f"no folder {path}"))
+    try:
+        return cls.from_pretrained(model, local_files_only=True, **kwargs)
+    except OSError as error:  # huggingface_hub's LocalEntryNotFoundError is an OSError
+        if hub_offline():
+            raise MissingWeightsError(missing_weights_message(model, "not in the local cache")) from error
+    log.info("%s is not cached; downloading from the Hugging Face hub", model)
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except OSError as error:
+        raise MissingWeightsError(missing_weights_message(model, _first_line(error))) from error
+
+
+def load_flux_pipeline(model: str, torch_dtype: torch.dtype = torch.bfloat16):
+    """A diffusers FluxPipeline for ``model`` (hub id, local folder, or ``tiny-random``)."""
+    if model == TINY_RANDOM:
+        from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(torch_dtype)
+    from diffusers import FluxPipeline
+
+    return _from_pretrained(FluxPipeline, model, dtype=torch_dtype)
+
+
+def load_vae(model: str, torch_dtype: torch.dtype = torch.float32):
+    """Only the VAE of ``model`` (for re-decoding a saved latent)."""
+    if model == TINY_RANDOM:
+        from ultragen.pipeline.tiny import tiny_vae
+
+        return tiny_vae().to(torch_dtype)
+    from diffusers import AutoencoderKL
+
+    return _from_pretrained(AutoencoderKL, model, subfolder="vae", dtype=torch_dtype)

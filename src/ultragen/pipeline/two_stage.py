@@ -1,0 +1,293 @@
+"""``UltraGenPipeline``: a prompt in, a high-resolution FLUX.1 image out, in two stages.
+
+Stage A: diffusers' own FluxPipeline generates the guide at ``layout.guide_height_px x guide_width_px`` (stock
+transformer, dense attention, any guide LoRA switched off). Stage B, once per cascade level: the guide latent is
+upsampled, sharpened and re-noised to sigma_k (warm start), and steps k..N-1 of a statically shifted N-step schedule
+run through :class:`ultragen.flux.HierFluxTransformer` over the padded canvas with the guide in the sequence. The
+result is cropped to the requested size in latent space; it is the next level's guide, or the output.
+
+Latents here are either *packed* (B, tokens, 4C) as the transformer sees them (raster order, or window-first /
+tile-first in stage B) or *unpacked* (B, C, H/8, W/8) as the VAE sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ultragen.flux import HierFluxTransformer
+from ultragen.layout import HierLayout
+from ultragen.pipeline.config import FAMILY_DEFAULTS, GenerationConfig, ModelDefaults, ModelFamily
+from ultragen.pipeline.decode import decode_latents, to_pil
+from ultragen.pipeline.loading import load_flux_pipeline
+from ultragen.pipeline.schedule import hires_scheduler
+from ultragen.pipeline.warm_start import warm_start_latent
+from ultragen.policy import build_plan, get_policy
+
+VAE_SCALE = 8  # FLUX.1's VAE: 8 px per latent pixel; a packed token is 2x2 latent pixels (layout.PATCH_PX = 16)
+
+
+@dataclass
+class UltraGenOutput:
+    """``images``: PIL images (or a (B, 3, H, W) tensor in [0, 1] for ``output_type="pt"``, None for "latent").
+    ``latents``: final unpacked latents (B, C, H/8, W/8); ``guide_latents``: stage A's (B, C, h/8, w/8).
+    ``config``: the resolved settings; ``timings_s``: seconds per stage."""
+
+    images: list | torch.Tensor | None
+    latents: torch.Tensor
+    guide_latents: torch.Tensor
+    config: GenerationConfig
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    embeds: torch.Tensor  # (B, text_tokens, joint_dim)
+    pooled: torch.Tensor  # (B, pooled_dim)
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def _unpack(packed: torch.Tensor, height_px: int, width_px: int) -> torch.Tensor:
+    return FluxPipeline._unpack_latents(packed, height_px, width_px, VAE_SCALE)
+
+
+def _crop(latents: torch.Tensor, layout: HierLayout) -> torch.Tensor:
+    top, left, bottom, right = (v // VAE_SCALE for v in layout.crop_box_px())
+    return latents[:, :, top:bottom, left:right]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _adapters_off(transformer):
+    """Run the stock model: PEFT adapters (the guide LoRA) disabled inside, restored after."""
+    has_adapters = getattr(transformer, "_hf_peft_config_loaded", False)
+    if has_adapters:
+        transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        if has_adapters:
+            transformer.enable_adapters()
+
+
+class UltraGenPipeline:
+    """Two-stage high-resolution generation with a FLUX.1 model (dev, schnell, or ``tiny-random``).
+
+    Wraps a diffusers :class:`FluxPipeline` (its text encoders, tokenizers, VAE, scheduler and transformer are
+    used as they are; the transformer's weights are never modified, a guide LoRA is added as a PEFT adapter).
+    """
+
+    def __init__(self, flux: FluxPipeline, model: str = ""):
+        self.flux = flux
+        self.model = model
+        self.lora_metadata = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
+                        torch_dtype: torch.dtype | None = None) -> UltraGenPipeline:
+        """Load ``model``: a Hugging Face id (cache, then hub unless HF_HUB_OFFLINE=1), a local diffusers folder, or
+        ``"tiny-random"``, in ``dtype`` (default bfloat16; ``torch_dtype`` is the older diffusers name). A missing
+        model raises MissingWeightsError (a ValueError) saying what to download."""
+        return cls(load_flux_pipeline(model, dtype or torch_dtype or torch.bfloat16), model=model)
+
+    def to(self, device: torch.device | str) -> UltraGenPipeline:
+        self.flux.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.flux.transformer.device
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The defaults for this model's family; text tokens capped by what its T5 tokenizer allows."""
+        guided = self.flux.transformer.config.guidance_embeds
+        base = FAMILY_DEFAULTS[ModelFamily.FLUX1_DEV if guided else ModelFamily.FLUX1_SCHNELL]
+        max_text = getattr(self.flux.tokenizer_2, "model_max_length", base.text_tokens)
+        return replace(base, text_tokens=min(base.text_tokens, max_text))
+
+    def load_lora(self, path: str, config: GenerationConfig, allow_mismatch: bool = False):
+        """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
+        from ultragen.flux.lora import LoraMetadata, load_guide_lora
+
+        layout = config.layouts()[-1]
+        expected = LoraMetadata(base_model=config.model or self.model, policy=get_policy(config.policy).to_dict(),
+                                rho=config.rho, guide_offset_tokens=layout.guide_offset_tokens,
+                                ntk_factor=config.ntk_factor, window_tokens=config.window_tokens)
+        self.lora_metadata = load_guide_lora(self.flux.transformer, path, expected=expected,
+                                             allow_mismatch=allow_mismatch)
+        return self.lora_metadata
+
+    # --- the call --------------------------------------------------------------------------------------------------
+    def resolve(self, config: GenerationConfig) -> GenerationConfig:
+        """``config`` with this model's defaults filled in and the model name recorded."""
+        if not config.model:
+            config = replace(config, model=self.model)
+        if config.shift is None:
+            config = replace(config, shift=float(self.flux.scheduler.config.shift))
+        return config.resolved(self.defaults)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        **settings,
+    ) -> UltraGenOutput:
+        """Generate ``prompt`` at ``height`` x ``width`` px. Any GenerationConfig field can be passed as a keyword
+        (``rho=4, warm_start_skip=10, guide_steps=28, backend="auto", ...``) or as ``config``.
+
+        ``generator``: a seeded CPU generator (its ``initial_seed()`` is recorded); default: ``config.seed``.
+        ``output_type``: "pil", "pt" or "latent" (skip decoding)."""
+        config = self.make_config(config, height, width, num_inference_steps, guidance_scale, generator, **settings)
+        latents, guide, timings = self.generate_latents(prompt, config, generator, progress=progress)
+        images = None
+        if output_type != "latent":
+            start = time.perf_counter()
+            images = self.decode(latents, config.vae_tile_px, progress=progress)
+            timings["decode"] = time.perf_counter() - start
+            if output_type == "pil":
+                images = to_pil(images)
+        return UltraGenOutput(images, latents, guide, config, timings)
+
+    def make_config(self, config=None, height=None, width=None, num_inference_steps=None, guidance_scale=None,
+                    generator=None, **settings) -> GenerationConfig:
+        """Merge a config, the diffusers-style arguments and keyword settings; resolve the model defaults."""
+        given = {"height_px": height, "width_px": width, "steps": num_inference_steps, "guidance_scale": guidance_scale}
+        given = {k: v for k, v in given.items() if v is not None} | settings
+        if generator is not None:
+            given["seed"] = generator.initial_seed()
+        if config is None:
+            if "height_px" not in given or "width_px" not in given:
+                raise ValueError("pass height and width (pixels, multiples of 16) or a GenerationConfig")
+            config = GenerationConfig(**given)
+        elif given:
+            config = replace(config, **given)
+        return self.resolve(config)
+
+    def generate_latents(self, prompt: str | list[str], config: GenerationConfig,
+                         generator: torch.Generator | None = None, progress: bool = True):
+        """(final unpacked latents (B, C, H/8, W/8) cropped to the requested size, guide latents, timings_s)."""
+        if not config.is_resolved():
+            config = self.resolve(config)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"prompt={prompt!r} is empty; pass a description of the image")
+        generator = generator or torch.Generator("cpu").manual_seed(config.seed)
+        timings: dict[str, float] = {}
+        clock = _Clock(self.device, timings)
+        with clock("encode"):
+            text = self._encode(prompts, config)
+        with clock("guide"):
+            guide = self._stage_a(text, config, generator, progress)
+        x = guide
+        hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
+                                   cache_guide=True)
+        for level, layout in enumerate(config.layouts()):
+            with clock(f"hires{level}" if config.cascade_levels > 1 else "hires"):
+                x = self._stage_b(hier, x, layout, text, config, generator, progress)
+        return x, guide, timings
+
+    def decode(self, latents: torch.Tensor, tile_px: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Unpacked latents -> (B, 3, H, W) float32 in [0, 1], tiled VAE decode."""
+        return decode_latents(self.flux.vae, latents, tile_px, progress)
+
+    # --- stages ----------------------------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], config: GenerationConfig) -> _Prompt:
+        encoders = [self.flux.text_encoder, self.flux.text_encoder_2]
+        if config.offload_text_encoders:
+            for encoder in encoders:
+                encoder.to(self.device)
+        embeds, pooled, _ = self.flux.encode_prompt(prompts, device=self.device,
+                                                    max_sequence_length=config.text_tokens)
+        if config.offload_text_encoders:
+            for encoder in encoders:
+                encoder.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        dtype = self.flux.transformer.dtype
+        return _Prompt(embeds.to(dtype), pooled.to(dtype))
+
+    def _stage_a(self, text: _Prompt, config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
+        """The guide: diffusers' FluxPipeline at the guide size. Returns unpacked clean latents (B, C, h/8, w/8)."""
+        height, width = config.guide_size_px
+        scheduler = self.flux.scheduler
+        if not config.guide_dynamic_shift and scheduler.config.use_dynamic_shifting:
+            scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
+        stock = FluxPipeline(**{**self.flux.components, "scheduler": scheduler})
+        stock.set_progress_bar_config(desc="guide", disable=not progress)
+        with _adapters_off(self.flux.transformer):
+            packed = stock(
+                prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
+                num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
+                generator=generator, output_type="latent", max_sequence_length=config.text_tokens,
+            ).images
+        return _unpack(packed, height, width)
+
+    def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
+                 config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
+        """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> unpacked clean latent of the requested
+        size (B, C, H/8, W/8)."""
+        expected = (layout.guide_grid[0] * 2, layout.guide_grid[1] * 2)
+        assert tuple(guide.shape[-2:]) == expected, f"guide latent {tuple(guide.shape)} vs layout {expected}"
+        device, batch, channels = self.device, guide.shape[0], guide.shape[1]
+        canvas = (layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
+        scheduler = hires_scheduler(self.flux.scheduler, config.steps, config.warm_start_skip, config.shift, device)
+        sigma = float(scheduler.sigmas[config.warm_start_skip])
+        noise = randn_tensor((batch, channels, *canvas), generator=generator, device=device, dtype=torch.float32)
+        start = warm_start_latent(guide.float(), canvas, noise, sigma, config.sharpen_strength,
+                                  config.sharpen_sigma_latent_px)
+        x = layout.hires_to_sequence(_pack(start.to(guide.dtype)))  # (B, hires_tokens, 4C) window-first
+        g = layout.guide_to_sequence(_pack(guide))  # (B, guide_tokens, 4C) tile-first
+        plan = build_plan(layout, config.policy)
+        guidance = None
+        if self.flux.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), config.guidance_scale, device=device, dtype=torch.float32)
+        timesteps = scheduler.timesteps[config.warm_start_skip :]
+        try:
+            for t in tqdm(timesteps, desc=f"hires {layout.width_px}x{layout.height_px}", disable=not progress):
+                sigma_t = (t / 1000).expand(batch).to(x.dtype)
+                velocity = hier(x, text.embeds, text.pooled, sigma_t, plan, guide=g, guidance=guidance)
+                x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        finally:
+            hier.clear_guide_cache()
+        raster = layout.hires_to_raster(x)
+        return _crop(_unpack(raster, layout.padded_height_px, layout.padded_width_px), layout)
+
+
+class _Clock:
+    """``with clock("name"):`` adds the block's wall time (device synchronised) to ``timings[name]``."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]):
+        self.device, self.timings = device, timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+

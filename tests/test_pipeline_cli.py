@@ -1,0 +1,196 @@
+"""``ultragen generate`` / ``ultragen decode`` end to end with tiny-random on CPU, and every bad input.
+
+Runs in-process through ``ultragen.cli.main`` with few steps (2 guide steps, hires schedule of 3 with 1 skipped)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ultragen.pipeline.two_stage  # noqa: F401  (import diffusers' pipelines now: their import-time notices)
+from ultragen.cli import main
+from ultragen.flux import HierFluxTransformer
+from ultragen.pipeline import GenerationConfig, UltraGenPipeline
+
+FAST = ["--model", "tiny-random", "--guide-steps", "2", "--steps", "3", "--warm-start-skip", "1", "--quiet",
+        "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+
+
+def generate(*args: str) -> int:
+    return main(["generate", *FAST, *args])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("width, height", [(512, 512), (512, 768)])
+def test_generate_writes_exact_size_png_with_metadata_and_sidecar(tmp_path, width, height):
+    out = tmp_path / "fox.png"
+    assert generate("--prompt", "a red fox", "--width", str(width), "--height", str(height), "--seed", "5",
+                    "--out", str(out)) == 0
+    image = Image.open(out)
+    assert image.size == (width, height)
+    assert image.text["prompt"] == "a red fox" and image.text["seed"] == "5" and image.text["model"] == "tiny-random"
+    settings = json.loads(image.text["ultragen_config"])
+    assert (settings["width_px"], settings["height_px"], settings["warm_start_skip"]) == (width, height, 1)
+    record = json.loads((tmp_path / "fox.json").read_text())
+    assert record["config"] == settings and record["prompt"] == "a red fox"
+    assert record["image_size_px"] == [width, height] and set(record["timings_s"]) >= {"guide", "hires", "decode"}
+    assert record["warm_start_sigma"] == pytest.approx(6 / 7)  # N=3, k=1, shift 3: s = 2/3 -> 2 / (7/3)
+    assert (tmp_path / "fox.latent.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-home") == [
+        "fox.json", "fox.latent.safetensors", "fox.png"]
+
+
+def test_same_seed_same_image_other_seed_other_image(tmp_path):
+    for name, seed in [("a", "1"), ("b", "1"), ("c", "2")]:
+        assert generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--seed", seed,
+                        "--out", str(tmp_path / f"{name}.png")) == 0
+    a, b, c = (pixels(tmp_path / f"{n}.png") for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_prompts_file_writes_one_image_per_prompt_with_counting_seeds(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red fox\n\na blue bird\n")
+    assert generate("--prompts-file", str(prompts), "--width", "512", "--height", "512", "--seed", "3",
+                    "--out", str(tmp_path / "out")) == 0
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["000-a-red-fox-s3.png", "001-a-blue-bird-s4.png"]
+    assert Image.open(tmp_path / "out" / names[1]).text["prompt"] == "a blue bird"
+
+
+def test_cascade_feeds_each_output_to_the_next_pass(tmp_path):
+    out = tmp_path / "c.png"
+    assert generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--rho", "2", "--cascade",
+                    "--out", str(out)) == 0
+    assert Image.open(out).size == (512, 512)
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert record["config"]["cascade_levels"] == 2
+    assert record["guide_size_px"] == [256, 128]  # 512² -> guide 256² (canvas padded to 512x256) -> its guide
+    assert {"hires0", "hires1"} <= set(record["timings_s"])
+
+
+def test_decode_from_latent_reproduces_the_image(tmp_path):
+    assert generate("--prompt", "a red fox", "--width", "512", "--height", "768", "--out",
+                    str(tmp_path / "fox.png")) == 0
+    latent = tmp_path / "fox.latent.safetensors"
+    assert main(["decode", str(latent), "--out", str(tmp_path / "again.png"), "--device", "cpu", "--quiet"]) == 0
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(tmp_path / "fox.png"))
+    assert Image.open(tmp_path / "again.png").text["prompt"] == "a red fox"
+    assert main(["decode", str(latent), "--out", str(tmp_path / "small.png"), "--tile-size", "256",
+                 "--device", "cpu", "--quiet"]) == 0
+    small = pixels(tmp_path / "small.png").astype(float)
+    assert small.shape == (768, 512, 3)
+    assert np.abs(small - pixels(tmp_path / "fox.png")).mean() < 8  # other tiles, same picture
+
+
+def test_python_api_runs_steps_k_to_n_and_is_deterministic(monkeypatch):
+    calls = []
+    forward = HierFluxTransformer.forward
+
+    def counting(self, hires, *args, **kwargs):
+        calls.append(hires.shape)
+        return forward(self, hires, *args, **kwargs)
+
+    monkeypatch.setattr(HierFluxTransformer, "forward", counting)
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    kwargs = dict(num_inference_steps=4, warm_start_skip=1, guide_steps=2, output_type="pt", progress=False)
+    first = pipe("a red fox", 768, 512, generator=torch.Generator().manual_seed(9), **kwargs)
+    assert len(calls) == 3  # steps 1..3 of a 4-step schedule
+    assert first.images.shape == (1, 3, 768, 512) and first.latents.shape == (1, 4, 96, 64)
+    assert first.guide_latents.shape == (1, 4, 32, 16)  # padded canvas 1024x512 / rho 4
+    assert first.config.seed == 9 and first.config.steps == 4 and first.config.shift == 3.0
+    second = pipe("a red fox", config=first.config, output_type="latent", progress=False)
+    torch.testing.assert_close(second.latents, first.latents, rtol=0, atol=0)
+
+
+# --- bad input: exit 2, one line on stderr, nothing written ----------------------------------------------------------
+def _lora_file(tmp_path, rho: int):
+    from ultragen.flux.lora import LoraMetadata, add_guide_lora, save_guide_lora
+    from ultragen.pipeline.tiny import tiny_flux_pipeline
+    from ultragen.policy import get_policy
+
+    transformer = tiny_flux_pipeline().transformer
+    add_guide_lora(transformer, rank=2, alpha=2.0)
+    meta = LoraMetadata(base_model="tiny-random", policy=get_policy("default").to_dict(), rho=rho,
+                        guide_offset_tokens=(rho - 1) / 2, ntk_factor=1.0, window_tokens=16, rank=2, alpha=2.0)
+    return save_guide_lora(transformer, tmp_path / "inputs" / f"guide-rho{rho}.safetensors", meta)
+
+
+BAD = {
+    "size not a multiple of 16": (["--width", "500"], "multiple of 16"),
+    "absurd size": (["--width", "40000"], "above the limit"),
+    "empty prompt": (["--prompt", "  "], "--prompt is empty"),
+    "empty prompts file": (["--prompts-file", "{inputs}/empty.txt"], "has no prompts"),
+    "missing prompts file": (["--prompts-file", "{inputs}/nope.txt"], "does not exist"),
+    "unknown backend": (["--backend", "warp-drive"], "unknown attention backend"),
+    "unknown policy": (["--policy", "everything"], "unknown attention policy"),
+    "missing LoRA": (["--lora", "{inputs}/nope.safetensors"], "does not exist"),
+    "mismatched LoRA": (["--lora", "LORA_RHO2"], "trained under other settings"),
+    "unwritable output": (["--out", "{inputs}/empty.txt/fox.png"], "is a file, not a folder"),
+    "not a png": (["--out", "{out}/fox.jpg"], "only PNG"),
+    "skip past the schedule": (["--warm-start-skip", "5"], "warm_start_skip=5 must be below steps=3"),
+    "real model offline": (["--model", "black-forest-labs/FLUX.1-dev"], "hf download"),
+    "guidance on a bad value": (["--guidance", "-1"], "guidance_scale=-1.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    (inputs / "empty.txt").write_text("# nothing here\n\n")
+    extra, words = BAD[case]
+    extra = [a.format(inputs=inputs, out=out) for a in extra]
+    if "LORA_RHO2" in extra:
+        extra[extra.index("LORA_RHO2")] = str(_lora_file(tmp_path, rho=2))
+    args = {"--prompt": "a red fox", "--width": "512", "--height": "512", "--out": str(out / "fox.png")}
+    for flag in ("--prompt", "--prompts-file"):
+        if flag in extra:
+            args.pop("--prompt")
+    for i in range(0, len(extra), 2):
+        args[extra[i]] = extra[i + 1]
+    before = sorted(inputs.iterdir())
+    capsys.readouterr()
+    code = generate(*[item for pair in args.items() for item in pair])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    assert list(out.iterdir()) == []
+    assert sorted(inputs.iterdir()) == before
+
+
+def test_existing_output_is_kept_without_force(tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"precious")
+    code = generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--out", str(out))
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf-home") == ["fox.png"]
+
+
+def test_decode_bad_input(tmp_path, capsys):
+    assert main(["decode", str(tmp_path / "nope.latent.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.latent.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["decode", str(tmp_path / "junk.latent.safetensors")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert list(p.suffix for p in tmp_path.iterdir() if p.name != "hf-home") == [".safetensors"]
+
+
+def test_generation_config_is_importable_without_diffusers_pipelines():
+    assert GenerationConfig(512, 512).rho == 4
