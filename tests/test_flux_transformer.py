@@ -168,3 +168,22 @@ def test_bad_inputs_raise_with_the_fix(change, message):
     hier = HierFluxTransformer(model, backend="reference")
     with pytest.raises(ValueError, match=message):
         hier(plan=build_plan(layout), **change(tiny_inputs(layout), layout))
+
+
+def test_compiled_blocks_match_eager_and_do_not_recompile(monkeypatch):
+    import torch._dynamo
+
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    inputs = tiny_inputs(layout)
+    eager = hier_forward(HierFluxTransformer(model, backend="reference"), plan, inputs)
+    compiled = HierFluxTransformer(model, backend="reference")
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    torch.testing.assert_close(hier_forward(compiled, plan, inputs), eager, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    later = {**inputs, "timestep": torch.full((1,), 0.2), "hires": torch.randn_like(inputs["hires"])}
+    torch.testing.assert_close(hier_forward(compiled, plan, later),
+                               hier_forward(HierFluxTransformer(model, backend="reference"), plan, later),
+                               rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ultragen.attention import Backend, attend, parse_backend
+from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
 from ultragen.flux.blocks import GuideKV, Rope, Streams, Temb, double_block, linear, single_block
 from ultragen.flux.rope import flux_rope
@@ -62,6 +63,7 @@ class HierFluxTransformer(nn.Module):
         self.ntk_factor = float(ntk_factor)
         self.cache_guide = cache_guide
         self.gradient_checkpointing = False
+        self._compiled: dict | None = None
         self._rope: tuple[AttentionPlan, torch.device, Rope] | None = None
         self._guide_cache: _GuideCache | None = None
 
@@ -100,8 +102,15 @@ class HierFluxTransformer(nn.Module):
             else:
                 streams.guide = linear(tr.x_embedder, guide, adapted=True)
 
-        def attention(q, k, v):
-            return attend(q, k, v, plan, self.backend)
+        if self._compiled is not None:
+            key, backend = plan_key(plan), self.backend.value
+
+            def attention(q, k, v):  # an opaque custom op inside the compiled block
+                return attend_op(q, k, v, key, backend)
+        else:
+
+            def attention(q, k, v):
+                return attend(q, k, v, plan, self.backend)
 
         for i, block in enumerate(tr.transformer_blocks):
             streams = self._run(double_block, block, streams, temb, rope, attention, guide_kv[i])
@@ -117,6 +126,13 @@ class HierFluxTransformer(nn.Module):
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` the double- and single-block forwards (regional compilation: one graph each, shared by
+        all blocks of a kind, with ``dynamic=False``: one compile per resolution). Attention stays one opaque
+        custom-op call inside the graph. The guide's once-per-image pass is not compiled."""
+        options = {"dynamic": False, **compile_kwargs}
+        self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _check_inputs(self, hires, text, plan: AttentionPlan, guide, guidance) -> None:
@@ -191,4 +207,6 @@ class HierFluxTransformer(nn.Module):
     def _run(self, fn, block, streams: Streams, temb: Temb, rope: Rope, attention, guide_kv) -> Streams:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, block, streams, temb, rope, attention, guide_kv, use_reentrant=False)
+        if self._compiled is not None:
+            fn = self._compiled[fn]
         return fn(block, streams, temb, rope, attention, guide_kv)

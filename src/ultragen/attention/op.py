@@ -1,0 +1,38 @@
+"""``attend`` as a PyTorch custom operator, so a ``torch.compile``d transformer block treats block-sparse attention
+as one opaque call (no graph break, no tracing into Triton or into the plan's Python objects).
+
+The plan travels as an integer key into a registry of live plans; under ``torch.compile(dynamic=False)`` the key is
+a constant, so each plan (one per resolution) compiles once.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ultragen.policy import AttentionPlan
+
+_PLANS: weakref.WeakValueDictionary[int, AttentionPlan] = weakref.WeakValueDictionary()
+
+
+def plan_key(plan: AttentionPlan) -> int:
+    """Register ``plan`` (weakly) and return its key."""
+    _PLANS[id(plan)] = plan
+    return id(plan)
+
+
+@torch.library.custom_op("ultragen::attend", mutates_args=())
+def attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str) -> torch.Tensor:
+    """``ultragen.attention.attend(q, k, v, plan, backend)`` for the plan registered under ``key``."""
+    from ultragen.attention import attend
+
+    plan = _PLANS.get(key)
+    if plan is None:
+        raise RuntimeError(f"attention plan {key} is no longer alive; keep the plan referenced while it is used")
+    return attend(q.contiguous(), k.contiguous(), v.contiguous(), plan, backend).contiguous()
+
+
+@attend_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous, like the real output
