@@ -38,12 +38,12 @@ class KernelConfig:
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
 
 
-# Chosen from the H100 sweep of bench/gpu_check_attention.py (see bench/results); keyed by (variant, head_dim).
+# Chosen from the H100 sweeps of bench/gpu_check_attention.py (see bench/results); keyed by (variant, head_dim).
 DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
-    ("bf16", 128): KernelConfig(block_n=64, num_warps=8, num_stages=3),
+    ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=3),
     ("bf16", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
-    ("int8", 128): KernelConfig(block_n=64, num_warps=8, num_stages=3),
-    ("int8", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
+    ("int8", 128): KernelConfig(block_n=128, num_warps=4, num_stages=3),
+    ("int8", 64): KernelConfig(block_n=128, num_warps=4, num_stages=3),
 }
 
 _ROW_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan -> {device: heaviest-first order}

@@ -16,15 +16,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(t, bh_offset, desc_row, rows, stride_s, offs_d, USE_TMA: tl.constexpr):
-    """Tile (len(rows), HEAD_DIM) of one (batch, head): from descriptor ``t`` at ``desc_row``, or from pointer
-    ``t`` offset by ``bh_offset`` elements."""
-    if USE_TMA:
-        return t.load([desc_row, 0])
-    return tl.load(t + bh_offset + rows[:, None] * stride_s + offs_d[None, :])
-
-
-@triton.jit
 def bsa_fwd(
     Q, K, V, O,
     counts, indices, order,
@@ -47,7 +38,10 @@ def bsa_fwd(
     h64 = h.to(tl.int64)
     seq_row = bh * S  # first key row of this (batch, head) in the 2D descriptor views of K and V
     q_row = bh * S_Q + row * BLOCK  # ... and of this query block in those of Q and O
-    q = _load_rows(Q, b64 * stride_qb + h64 * stride_qh, q_row, offs_m, stride_qs, offs_d, USE_TMA)
+    if USE_TMA:
+        q = Q.load([q_row, 0])
+    else:
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :])
 
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -57,14 +51,20 @@ def bsa_fwd(
     for step in range(n_steps):
         kv_block = tl.load(indices + row * kv_width + step // SUB)
         start = kv_block * BLOCK + (step % SUB) * BLOCK_N
-        k = _load_rows(K, b64 * stride_kb + h64 * stride_kh, seq_row + start, start + offs_n, stride_ks, offs_d, USE_TMA)
+        if USE_TMA:
+            k = K.load([seq_row + start, 0])
+        else:
+            k = tl.load(K + b64 * stride_kb + h64 * stride_kh + (start + offs_n)[:, None] * stride_ks + offs_d[None, :])
         qk = tl.dot(q, k.T)  # (BLOCK, BLOCK_N) fp32
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(V, b64 * stride_vb + h64 * stride_vh, seq_row + start, start + offs_n, stride_vs, offs_d, USE_TMA)
+        if USE_TMA:
+            v = V.load([seq_row + start, 0])
+        else:
+            v = tl.load(V + b64 * stride_vb + h64 * stride_vh + (start + offs_n)[:, None] * stride_vs + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     out = (acc / l_i[:, None]).to(q.dtype)
@@ -151,22 +151,25 @@ def bsa_fwd_int8(
         kv_block = tl.load(indices + row * kv_width + step // SUB)
         start = kv_block * BLOCK + (step % SUB) * BLOCK_N
         k8 = tl.load(k_rows + (start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
+        qk = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32)
         s_scale = q_scale * tl.load(k_scale + bh * n_blocks + kv_block)
-        s = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32) * s_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * s_scale)
+        if V_FP8:  # exp2(. + log2 448) puts P in [0, 448], the e4m3 range; l_i carries the factor, it cancels
+            p = tl.math.exp2(qk * s_scale - (m_new - 8.807354922057604)[:, None])
+        else:
+            p = tl.math.exp2(qk * s_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if V_FP8:
             v = tl.load(v_base + offs_d[:, None] * S + (start + offs_n)[None, :])  # (HEAD_DIM, BLOCK_N) fp8
-            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v.T, acc)
+            acc = tl.dot(p.to(tl.float8e4nv), v.T, acc)
         else:
             v = tl.load(v_base + (start + offs_n)[:, None] * stride_vs + offs_d[None, :])
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     if V_FP8:
-        acc = acc * (tl.load(v_scale + bh * HEAD_DIM + offs_d) / 448.0)[None, :]
+        acc = acc * tl.load(v_scale + bh * HEAD_DIM + offs_d)[None, :]
     out = (acc / l_i[:, None]).to(out_dtype)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out)
