@@ -112,21 +112,37 @@ def test_python_api_runs_steps_k_to_n_and_is_deterministic(monkeypatch):
     assert first.images.shape == (1, 3, 768, 512) and first.latents.shape == (1, 4, 96, 64)
     assert first.guide_latents.shape == (1, 4, 32, 16)  # padded canvas 1024x512 / rho 4
     assert first.config.seed == 9 and first.config.steps == 4 and first.config.shift == 3.0
-    second = pipe("a red fox", config=first.config, output_type="latent", progress=False)
+    second = pipe("a red fox", config=first.config, output_type="latent", progress=False, offload_text_encoders=True)
     torch.testing.assert_close(second.latents, first.latents, rtol=0, atol=0)
 
 
 # --- bad input: exit 2, one line on stderr, nothing written ----------------------------------------------------------
-def _lora_file(tmp_path, rho: int):
+def _lora_file(tmp_path, rho: int, trained: bool = False):
     from ultragen.flux.lora import LoraMetadata, add_guide_lora, save_guide_lora
     from ultragen.pipeline.tiny import tiny_flux_pipeline
     from ultragen.policy import get_policy
 
     transformer = tiny_flux_pipeline().transformer
     add_guide_lora(transformer, rank=2, alpha=2.0)
+    if trained:  # a fresh LoRA is the identity (B = 0); make it do something
+        g = torch.Generator().manual_seed(0)
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.data = torch.randn(param.shape, generator=g)
     meta = LoraMetadata(base_model="tiny-random", policy=get_policy("default").to_dict(), rho=rho,
                         guide_offset_tokens=(rho - 1) / 2, ntk_factor=1.0, window_tokens=16, rank=2, alpha=2.0)
     return save_guide_lora(transformer, tmp_path / "inputs" / f"guide-rho{rho}.safetensors", meta)
+
+
+def test_guide_lora_changes_the_hires_pass_but_not_the_guide(tmp_path):
+    path = _lora_file(tmp_path, rho=4, trained=True)
+    plain = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    adapted = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    kwargs = dict(num_inference_steps=3, warm_start_skip=1, guide_steps=2, output_type="latent", progress=False)
+    adapted.load_lora(str(path), adapted.make_config(height=512, width=512, **{"warm_start_skip": 1}))
+    a, b = plain("a red fox", 512, 512, **kwargs), adapted("a red fox", 512, 512, **kwargs)
+    torch.testing.assert_close(b.guide_latents, a.guide_latents, rtol=0, atol=0)  # stage A: stock model
+    assert (b.latents - a.latents).abs().mean() > 1e-3
 
 
 BAD = {

@@ -43,11 +43,6 @@ def missing_weights_message(model: str, reason: str) -> str:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
 def _from_pretrained(cls, model: str, **kwargs):
     """``cls.from_pretrained(model, **kwargs)`` from a folder, the cache, or (online only) the hub."""
     path = Path(model).expanduser()
@@ -66,7 +61,9 @@ def _from_pretrained(cls, model: str, **kwargs):
     try:
         return cls.from_pretrained(model, **kwargs)
     except OSError as error:
-        raise MissingWeightsError(missing_weights_message(model, _first_line(error))) from error
+        log.debug("download of %s failed: %s", model, error)
+        reason = f"not in the local cache, and the download failed: {type(error).__name__}"
+        raise MissingWeightsError(missing_weights_message(model, reason)) from error
 
 
 def load_flux_pipeline(model: str, torch_dtype: torch.dtype = torch.bfloat16):

@@ -118,7 +118,8 @@ class UltraGenPipeline:
         guided = self.flux.transformer.config.guidance_embeds
         base = FAMILY_DEFAULTS[ModelFamily.FLUX1_DEV if guided else ModelFamily.FLUX1_SCHNELL]
         max_text = getattr(self.flux.tokenizer_2, "model_max_length", base.text_tokens)
-        return replace(base, text_tokens=min(base.text_tokens, max_text))
+        whole_blocks = max(128, min(base.text_tokens, max_text) // 128 * 128)  # text is whole attention blocks
+        return replace(base, text_tokens=whole_blocks)
 
     def load_lora(self, path: str, config: GenerationConfig, allow_mismatch: bool = False):
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
@@ -172,8 +173,10 @@ class UltraGenPipeline:
                 images = to_pil(images)
         return UltraGenOutput(images, latents, guide, config, timings)
 
-    def make_config(self, config=None, height=None, width=None, num_inference_steps=None, guidance_scale=None,
-                    generator=None, **settings) -> GenerationConfig:
+    def make_config(self, config: GenerationConfig | None = None, height: int | None = None,
+                    width: int | None = None, num_inference_steps: int | None = None,
+                    guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                    **settings) -> GenerationConfig:
         """Merge a config, the diffusers-style arguments and keyword settings; resolve the model defaults."""
         given = {"height_px": height, "width_px": width, "steps": num_inference_steps, "guidance_scale": guidance_scale}
         given = {k: v for k, v in given.items() if v is not None} | settings
@@ -233,17 +236,19 @@ class UltraGenPipeline:
     def _stage_a(self, text: _Prompt, config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
         """The guide: diffusers' FluxPipeline at the guide size. Returns unpacked clean latents (B, C, h/8, w/8)."""
         height, width = config.guide_size_px
-        scheduler = self.flux.scheduler
+        flux, scheduler = self.flux, self.flux.scheduler
         if not config.guide_dynamic_shift and scheduler.config.use_dynamic_shifting:
-            scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
-        stock = FluxPipeline(**{**self.flux.components, "scheduler": scheduler})
-        stock.set_progress_bar_config(desc="guide", disable=not progress)
-        with _adapters_off(self.flux.transformer):
-            packed = stock(
-                prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
-                num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
-                generator=generator, output_type="latent", max_sequence_length=config.text_tokens,
-            ).images
+            flux.scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
+        flux.set_progress_bar_config(desc="guide", disable=not progress)
+        try:
+            with _adapters_off(flux.transformer):
+                packed = flux(
+                    prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
+                    num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
+                    generator=generator, output_type="latent", max_sequence_length=config.text_tokens,
+                ).images
+        finally:
+            flux.scheduler = scheduler
         return _unpack(packed, height, width)
 
     def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
