@@ -160,7 +160,20 @@ BAD = {
     "skip past the schedule": (["--warm-start-skip", "5"], "warm_start_skip=5 must be below steps=3"),
     "real model offline": (["--model", "black-forest-labs/FLUX.1-dev"], "hf download"),
     "guidance on a bad value": (["--guidance", "-1"], "guidance_scale=-1.0"),
+    "fp8 on the CPU": (["--fp8"], "needs a CUDA GPU"),
 }
+
+
+def _merge(base: dict, extra: list[str]) -> list[str]:
+    """``base`` flags with ``extra`` flags (and their values) replacing them; --prompts-file replaces --prompt."""
+    args, i = dict(base), 0
+    while i < len(extra):
+        flag, value = extra[i], extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("--") else None
+        if flag == "--prompts-file":
+            args.pop("--prompt")
+        args[flag] = value
+        i += 1 if value is None else 2
+    return [item for flag, value in args.items() for item in (flag, value) if item is not None]
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -173,15 +186,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     extra = [a.format(inputs=inputs, out=out) for a in extra]
     if "LORA_RHO2" in extra:
         extra[extra.index("LORA_RHO2")] = str(_lora_file(tmp_path, rho=2))
-    args = {"--prompt": "a red fox", "--width": "512", "--height": "512", "--out": str(out / "fox.png")}
-    for flag in ("--prompt", "--prompts-file"):
-        if flag in extra:
-            args.pop("--prompt")
-    for i in range(0, len(extra), 2):
-        args[extra[i]] = extra[i + 1]
+    args = _merge({"--prompt": "a red fox", "--width": "512", "--height": "512", "--out": str(out / "fox.png")}, extra)
     before = sorted(inputs.iterdir())
     capsys.readouterr()
-    code = generate(*[item for pair in args.items() for item in pair])
+    code = generate(*args)
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err

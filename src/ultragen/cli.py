@@ -100,6 +100,8 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--lora-force", action="store_true", help="use the LoRA even if its settings differ")
     gen.add_argument("--vae-tile", type=_positive_int, help="VAE decode tile in pixels (default: the VAE's)")
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the hierarchical blocks (GPU)")
+    gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
@@ -118,7 +120,7 @@ def run_generate(args: argparse.Namespace) -> int:
         guide_guidance_scale=args.guide_guidance, rho=args.rho, window_tokens=args.window, policy=args.policy,
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
         cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
-        offload_text_encoders=args.offload_text_encoders,
+        offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)

@@ -87,6 +87,8 @@ class GenerationConfig:
     lora_path: str | None = None
     vae_tile_px: int | None = None  # None: the VAE's own tile size (FLUX.1: 1024 px)
     offload_text_encoders: bool = False
+    compile_blocks: bool = False  # torch.compile the hierarchical blocks (one compile per resolution)
+    fp8: bool = False  # FP8 weights and activations in the transformer blocks (CUDA, compute capability 8.9+)
 
     def __post_init__(self) -> None:
         _validate(self)

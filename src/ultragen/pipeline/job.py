@@ -88,6 +88,8 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
         raise ValueError(f"seed={config.seed} + {len(prompts) - 1} prompts passes the largest seed 2**63-1")
     outputs = plan_outputs(out, prompts, seeds, force)
     device, dtype = resolve_device(device, dtype)
+    if config.fp8 and device == "cpu":
+        raise ValueError("--fp8 needs a CUDA GPU (compute capability 8.9+); leave it out on the CPU")
     return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch)
 
 
@@ -127,6 +129,7 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print) -> list
     from ultragen.pipeline.two_stage import UltraGenPipeline
 
     pipe = UltraGenPipeline.from_pretrained(job.config.model, dtype=DTYPES[job.dtype]).to(job.device)
+    pipe.prepare_weights(job.config)  # FP8, before any LoRA
     if job.config.lora_path is not None:
         pipe.load_lora(job.config.lora_path, pipe.resolve(job.config), allow_mismatch=job.lora_allow_mismatch)
     records = []

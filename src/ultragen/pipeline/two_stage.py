@@ -95,6 +95,8 @@ class UltraGenPipeline:
         self.flux = flux
         self.model = model
         self.lora_metadata = None
+        self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
+        self._fp8 = False
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
@@ -120,6 +122,20 @@ class UltraGenPipeline:
         max_text = getattr(self.flux.tokenizer_2, "model_max_length", base.text_tokens)
         whole_blocks = max(128, min(base.text_tokens, max_text) // 128 * 128)  # text is whole attention blocks
         return replace(base, text_tokens=whole_blocks)
+
+    def prepare_weights(self, config: GenerationConfig) -> None:
+        """Quantize the transformer blocks to FP8 if ``config.fp8`` (once; before any LoRA is added)."""
+        if config.fp8 == self._fp8:
+            return
+        if not config.fp8:
+            raise ValueError("this pipeline's transformer is already FP8; load a fresh pipeline for bf16 weights")
+        if self.lora_metadata is not None:
+            raise ValueError("fp8=True must quantize the transformer before the LoRA is added; call prepare_weights "
+                             "(or generate once) before load_lora")
+        from ultragen.flux.fp8 import quantize_blocks_fp8
+
+        quantize_blocks_fp8(self.flux.transformer)
+        self._fp8 = True
 
     def load_lora(self, path: str, config: GenerationConfig, allow_mismatch: bool = False):
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
@@ -199,6 +215,7 @@ class UltraGenPipeline:
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError(f"prompt={prompt!r} is empty; pass a description of the image")
         generator = generator or torch.Generator("cpu").manual_seed(config.seed)
+        self.prepare_weights(config)
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
         with clock("encode"):
@@ -206,8 +223,7 @@ class UltraGenPipeline:
         with clock("guide"):
             guide = self._stage_a(text, config, generator, progress)
         x = guide
-        hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
-                                   cache_guide=True)
+        hier = self._hierarchical(config)
         for level, layout in enumerate(config.layouts()):
             with clock(f"hires{level}" if config.cascade_levels > 1 else "hires"):
                 x = self._stage_b(hier, x, layout, text, config, generator, progress)
@@ -218,6 +234,17 @@ class UltraGenPipeline:
         return decode_latents(self.flux.vae, latents, tile_px, progress)
 
     # --- stages ----------------------------------------------------------------------------------------------------
+    def _hierarchical(self, config: GenerationConfig) -> HierFluxTransformer:
+        """The hierarchical wrapper for these settings; kept across calls so compiled blocks are reused."""
+        key = (config.backend, config.ntk_factor, config.compile_blocks)
+        if self._hier is None or self._hier[0] != key:
+            hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
+                                       cache_guide=True)
+            if config.compile_blocks:
+                hier.compile_blocks()
+            self._hier = (key, hier)
+        return self._hier[1]
+
     def _encode(self, prompts: list[str], config: GenerationConfig) -> _Prompt:
         encoders = [self.flux.text_encoder, self.flux.text_encoder_2]
         if config.offload_text_encoders:
