@@ -79,3 +79,16 @@ def test_leading_query_rows_only_equal_the_same_rows_of_the_full_call():
     q, k, v = torch.randn(3, 1, 2, s, 8, dtype=torch.float64)
     rows = plan.layout.segment_offsets[2]  # text + hires, as when the guide's own rows are cached
     torch.testing.assert_close(attend(q[:, :, :rows], k, v, plan), attend(q, k, v, plan)[:, :, :rows], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_reference_above_65536_keys_matches_gathered_exact_attention():
+    """PyTorch's masked efficient SDPA is wrong beyond 65,536 keys; the reference must not be."""
+    from test_attention_backends import gathered_attention
+
+    plan = build_plan(make_layout(4096, 4096), "default")
+    assert plan.layout.seq_tokens > 65536
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 1, plan.layout.seq_tokens, 64, generator=g, device="cuda") for _ in range(3))
+    exact = gathered_attention(q, k, v, plan)
+    torch.testing.assert_close(attend(q, k, v, plan, "reference"), exact, rtol=1e-4, atol=1e-4)

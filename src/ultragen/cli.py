@@ -49,6 +49,46 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--out", default=None,
                            help="JSON path (default bench/results/attention-<gpu>-<yyyymmdd>.json)")
     attention.set_defaults(run=run_bench_attention)
+    step = which.add_parser("step", help="seconds per transformer step and peak memory, dense vs hierarchical")
+    step.add_argument("--sizes", nargs="+", type=_positive_int, default=[1024, 2048, 4096, 8192], metavar="PX",
+                      help="square sizes in pixels (default: 1024 2048 4096 8192)")
+    step.add_argument("--backends", nargs="+", default=["flex", "triton", "triton-int8"],
+                      help="hierarchical attention backends to measure")
+    step.add_argument("--no-compile", action="store_true", help="eager only")
+    step.add_argument("--no-fp8", action="store_true", help="bf16 only")
+    step.add_argument("--no-dense", action="store_true", help="hierarchical only")
+    step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
+    step.set_defaults(run=run_bench_step)
+    image = which.add_parser("image", help="one whole 4096x4096 image, timed per stage")
+    image.add_argument("--size", type=_positive_int, default=4096, help="square size in pixels (default 4096)")
+    image.add_argument("--backend", default="auto")
+    image.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    image.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
+    image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json)")
+    image.set_defaults(run=run_bench_image)
+
+
+def run_bench_step(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ultragen.bench.record import result_path, write_result
+    from ultragen.bench.step import run_step_bench, speedups
+
+    rows = run_step_bench(args.sizes, args.backends, (False,) if args.no_compile else (False, True),
+                          fp8=not args.no_fp8, dense=not args.no_dense)
+    path = write_result(args.out or result_path("step"), {"rows": [asdict(r) for r in rows],
+                                                          "speedups": speedups(rows)})
+    print(f"wrote {path}")
+    return 0
+
+
+def run_bench_image(args: argparse.Namespace) -> int:
+    from ultragen.bench.image import run_image_bench
+    from ultragen.bench.record import result_path, write_result
+
+    result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8)
+    print(f"wrote {write_result(args.out or result_path('image'), {'image': result})}")
+    return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:

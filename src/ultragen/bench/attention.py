@@ -9,11 +9,7 @@ hierarchical layout. Times are CUDA-event medians after warm-up, rotating input 
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import platform
-import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ultragen.bench.record import result_path, write_result
 from ultragen.layout import make_layout
 from ultragen.policy import AttentionPlan, build_plan
 
@@ -129,30 +126,12 @@ def run(sizes: Sequence[str] = SIZES, backends: Sequence[str] = DENSE_BACKENDS +
     return rows
 
 
-def gpu_slug() -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (as bench.forward names its files)."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-
-
 def results_path(directory: str | Path = "bench/results") -> Path:
-    return Path(directory) / f"attention-{gpu_slug()}-{datetime.date.today():%Y%m%d}.json"
+    return result_path("attention", directory)
 
 
 def write_results(rows: Sequence[Row], path: str | Path) -> Path:
-    import triton
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-        "rows": [asdict(r) for r in rows],
-    }
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
+    return write_result(path, {"rows": [asdict(r) for r in rows]})
 
 
 def format_table(rows: Sequence[Row]) -> str:

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ultragen.bench.models import random_flux, random_inputs
+from ultragen.bench.record import result_path, write_result
 from ultragen.flux import HierFluxTransformer
 from ultragen.layout import make_layout
 from ultragen.policy import build_plan
@@ -46,10 +45,6 @@ def forward_once(hier: HierFluxTransformer, size_px: int, repeats: int = 2) -> d
     }
 
 
-def gpu_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
@@ -61,15 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         rows.append(forward_once(hier, size))
         print(json.dumps(rows[-1]), flush=True)
-    result = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": dt.date.today().isoformat(),
-        "model": "FLUX.1-dev architecture, random bf16 weights", "backend": args.backend, "batch": 1,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"flux-forward-{gpu_slug()}-{dt.date.today():%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    record = {"model": "FLUX.1-dev architecture, random bf16 weights", "backend": args.backend, "batch": 1,
+              "rows": rows}
+    print(f"wrote {write_result(result_path('flux-forward', args.out), record)}")
     return 0
 
 

@@ -1,0 +1,154 @@
+"""``ultragen bench step``: seconds per transformer step and peak memory, dense FLUX vs hierarchical, in one run.
+
+The real FLUX.1-dev architecture with random bf16 weights, batch 1, text 512. Dense: the stock diffusers model with
+cuDNN SDPA over the plain FLUX sequence. Hierarchical: ``HierFluxTransformer`` with each attention backend, the
+guide cache warm (its one pass per image is not a step). Each configuration eager and compiled (regional
+``torch.compile`` of the blocks), then the same with FP8 linears (torchao), whose step output is also compared with
+the bf16 one (relative L2 error). Times are CUDA-event medians after a warm-up call.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ultragen.bench.models import random_flux, random_inputs
+from ultragen.flux import HierFluxTransformer
+from ultragen.flux.fp8 import fp8_unavailable, quantize_blocks_fp8
+from ultragen.layout import make_layout
+from ultragen.policy import build_plan
+
+SIZES_PX = (1024, 2048, 4096, 8192)
+HIER_BACKENDS = ("flex", "triton", "triton-int8")
+
+
+@dataclass(frozen=True)
+class StepRow:
+    size: str
+    mode: str  # "dense" | "hier"
+    backend: str
+    compile: bool
+    fp8: bool
+    s_per_step: float
+    peak_gb: float
+    rel_err_vs_bf16: float | None = None
+
+
+def median_s(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn()  # warm-up: compiles, builds cuDNN plans, fills the guide cache
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times), out
+
+
+def _dense_call(model, size_px: int) -> Callable[[], torch.Tensor]:
+    layout = make_layout(size_px, size_px, rho=None)
+    rows, cols = layout.hires_grid
+    inputs = random_inputs(model, rows * cols, 0)
+    raster_ids = layout.hires_to_raster(layout.hires_ids()[None])[0].to(model.device)
+    text_ids = layout.text_ids().to(model.device)
+
+    def call():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return model(hidden_states=inputs["hires"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                         pooled_projections=inputs["pooled_projections"], timestep=inputs["timestep"],
+                         img_ids=raster_ids, txt_ids=text_ids, guidance=inputs["guidance"]).sample
+
+    return call
+
+
+def _hier_call(hier: HierFluxTransformer, size_px: int) -> Callable[[], torch.Tensor]:
+    layout = make_layout(size_px, size_px)
+    plan = build_plan(layout)
+    inputs = random_inputs(hier.transformer, layout.hires_tokens, layout.guide_tokens)
+
+    def call():
+        with torch.no_grad():
+            return hier(plan=plan, **inputs)
+
+    return call
+
+
+def _measure(label: dict, fn: Callable[[], torch.Tensor], repeats: int, log) -> tuple[StepRow | None, torch.Tensor | None]:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        seconds, out = median_s(fn, repeats)
+    except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the others
+        log(f"{label}: failed: {type(error).__name__}: {str(error)[:300]}")
+        return None, None
+    row = StepRow(**label, s_per_step=seconds, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    log(f"{row.size:>10} {row.mode:<5} {row.backend:<12} compile={row.compile!s:<5} fp8={row.fp8!s:<5} "
+        f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB")
+    return row, out
+
+
+def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] = HIER_BACKENDS,
+                   compile_modes: Sequence[bool] = (False, True), fp8: bool = True, dense: bool = True,
+                   dense_compile_max_px: int = 8192, repeats: int = 2, log=print) -> list[StepRow]:
+    """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again."""
+    model = random_flux()
+    rows: list[StepRow] = []
+    reference: dict[str, torch.Tensor] = {}
+    precisions = [False, True] if fp8 and not fp8_unavailable() else [False]
+    if fp8 and fp8_unavailable():
+        log(f"FP8 skipped: {fp8_unavailable()}")
+    for use_fp8 in precisions:
+        if use_fp8:
+            log(f"FP8: converted {quantize_blocks_fp8(model)} linear layers")
+        for compiled in compile_modes:
+            hiers = {}
+            for backend in backends:
+                hiers[backend] = HierFluxTransformer(model, backend=backend)
+                if compiled:
+                    hiers[backend].compile_blocks()
+            if compiled and dense:
+                model.compile_repeated_blocks(dynamic=False)
+            for size in sizes_px:
+                name = f"{size}x{size}"
+                for backend, hier in hiers.items():
+                    label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8)
+                    row, out = _measure(label, _hier_call(hier, size), repeats, log)
+                    if row is None:
+                        continue
+                    key = f"{name}/{backend}/{compiled}"
+                    if not use_fp8:
+                        reference[key] = out.float().cpu()
+                    elif key in reference:
+                        ref = reference[key]
+                        row = StepRow(**{**asdict(row), "rel_err_vs_bf16": float((out.float().cpu() - ref).norm() / ref.norm())})
+                    rows.append(row)
+                    hier.clear_guide_cache()
+                if dense and (not compiled or size <= dense_compile_max_px):
+                    label = dict(size=name, mode="dense", backend="cudnn", compile=compiled, fp8=use_fp8)
+                    row, _ = _measure(label, _dense_call(model, size), 1 if size >= 8192 else repeats, log)
+                    if row is not None:
+                        rows.append(row)
+            torch._dynamo.reset()
+            if compiled and dense:  # undo the in-place block compilation before the next precision
+                for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+                    block._compiled_call_impl = None
+    return rows
+
+
+def speedups(rows: Sequence[StepRow]) -> dict[str, dict]:
+    """Per size: the best dense and the best hierarchical configuration and their ratio."""
+    out = {}
+    for size in sorted({r.size for r in rows}, key=lambda s: int(s.split("x")[0])):
+        dense = [r for r in rows if r.size == size and r.mode == "dense"]
+        hier = [r for r in rows if r.size == size and r.mode == "hier"]
+        if dense and hier:
+            best_d, best_h = min(dense, key=lambda r: r.s_per_step), min(hier, key=lambda r: r.s_per_step)
+            out[size] = {"best_dense": asdict(best_d), "best_hier": asdict(best_h),
+                         "speedup": best_d.s_per_step / best_h.s_per_step}
+    return out
