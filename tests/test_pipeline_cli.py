@@ -218,3 +218,19 @@ def test_decode_bad_input(tmp_path, capsys):
 
 def test_generation_config_is_importable_without_diffusers_pipelines():
     assert GenerationConfig(512, 512).rho == 4
+
+
+def test_installed_command_runs_offline_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ultragen", "generate", *FAST, "--prompt", "a red fox", "--width", "512",
+         "--height", "768", "--out", "fox.png"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Image.open(tmp_path / "fox.png").size == (512, 768)
+    assert "wrote" in done.stderr

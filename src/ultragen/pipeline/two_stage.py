@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from diffusers import FluxPipeline
@@ -25,7 +25,7 @@ from ultragen.flux import HierFluxTransformer
 from ultragen.layout import HierLayout
 from ultragen.pipeline.config import FAMILY_DEFAULTS, GenerationConfig, ModelDefaults, ModelFamily
 from ultragen.pipeline.decode import decode_latents, to_pil
-from ultragen.pipeline.loading import load_flux_pipeline
+from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
 from ultragen.pipeline.schedule import hires_scheduler
 from ultragen.pipeline.warm_start import warm_start_latent
 from ultragen.policy import build_plan, get_policy
@@ -102,9 +102,10 @@ class UltraGenPipeline:
     def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
                         torch_dtype: torch.dtype | None = None) -> UltraGenPipeline:
         """Load ``model``: a Hugging Face id (cache, then hub unless HF_HUB_OFFLINE=1), a local diffusers folder, or
-        ``"tiny-random"``, in ``dtype`` (default bfloat16; ``torch_dtype`` is the older diffusers name). A missing
-        model raises MissingWeightsError (a ValueError) saying what to download."""
-        return cls(load_flux_pipeline(model, dtype or torch_dtype or torch.bfloat16), model=model)
+        ``"tiny-random"``, in ``dtype`` (default bfloat16, float32 for tiny-random; ``torch_dtype`` is the older
+        diffusers name). A missing model raises MissingWeightsError (a ValueError) saying what to download."""
+        default = torch.float32 if model == TINY_RANDOM else torch.bfloat16
+        return cls(load_flux_pipeline(model, dtype or torch_dtype or default), model=model)
 
     def to(self, device: torch.device | str) -> UltraGenPipeline:
         self.flux.to(device)
@@ -178,6 +179,8 @@ class UltraGenPipeline:
 
         ``generator``: a seeded CPU generator (its ``initial_seed()`` is recorded); default: ``config.seed``.
         ``output_type``: "pil", "pt" or "latent" (skip decoding)."""
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}; use 'pil', 'pt' or 'latent'")
         config = self.make_config(config, height, width, num_inference_steps, guidance_scale, generator, **settings)
         latents, guide, timings = self.generate_latents(prompt, config, generator, progress=progress)
         images = None
@@ -195,6 +198,9 @@ class UltraGenPipeline:
                     **settings) -> GenerationConfig:
         """Merge a config, the diffusers-style arguments and keyword settings; resolve the model defaults."""
         given = {"height_px": height, "width_px": width, "steps": num_inference_steps, "guidance_scale": guidance_scale}
+        unknown = sorted(set(settings) - {f.name for f in fields(GenerationConfig)})
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; GenerationConfig has {[f.name for f in fields(GenerationConfig)]}")
         given = {k: v for k, v in given.items() if v is not None} | settings
         if generator is not None:
             given["seed"] = generator.initial_seed()
