@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_generate_parser(commands)
     _add_decode_parser(commands)
+    from ultragen.train.commands import add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 

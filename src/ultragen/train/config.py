@@ -1,0 +1,225 @@
+"""Every setting of ``ultragen train prepare`` and ``ultragen train`` in two frozen values, validated here.
+
+Sizes are pixels (``size_px``: the square training image); ``rho`` is the guide downscale per side; token counts end
+in ``_tokens``. Fields left ``None`` are taken from the model or the cache when the run starts (and then recorded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from pathlib import Path
+
+from ultragen.flux.lora import LoraTargets
+from ultragen.layout import make_layout
+from ultragen.policy import PRESETS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context
+
+
+class Optimizer(str, Enum):
+    ADAMW = "adamw"
+    PRODIGY = "prodigy"  # the authors' choice (lr 1: Prodigy estimates the step size); needs `pip install prodigyopt`
+
+
+class LrSchedule(str, Enum):
+    CONSTANT = "constant"  # after the linear warmup
+    COSINE = "cosine"  # cosine decay to 0 at ``steps``
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be a whole number {rule}")
+
+
+def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        raise ValueError(f"{name}={value!r} must be a number in {'(' if low_open else '['}{low}, {high}]")
+
+
+def check_geometry(size_px: int, rho: int, window_tokens: int, block_tokens: int, text_tokens: int) -> None:
+    """The training image must be exactly the canvas: whole windows and whole guide tiles, no padding."""
+    make_layout(size_px, size_px, window_tokens=window_tokens, rho=rho, text_tokens=text_tokens,
+                block_tokens=block_tokens, pad=False)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``ultragen train prepare``: images (or ``generate_count`` base-model images) -> a latent/text cache.
+
+    ``images_dir``: a folder of images (searched recursively) with captions in ``NAME.txt`` sidecars or in
+    ``captions_file`` (JSONL: ``{"file": "relative/path.png", "caption": "..."}``). Each image is resized so its
+    shortest side is ``size_px`` and centre-cropped to a square; the guide is its antialiased downsample by ``rho``.
+    ``text_tokens`` None: 512 for guidance-distilled models (FLUX.1-dev), 256 otherwise, at most the tokenizer's.
+    """
+
+    model: str
+    out_dir: str
+    images_dir: str | None = None
+    captions_file: str | None = None
+    size_px: int = 1024
+    rho: int = 4
+    window_tokens: int = 16
+    block_tokens: int = 128
+    text_tokens: int | None = None
+    shard_items: int = 64
+    batch_size: int = 4
+    generate_count: int = 0  # > 0: first draw this many images with the base model from ``prompts_file``
+    prompts_file: str | None = None
+    generate_steps: int | None = None  # None: 28 for guidance-distilled models, else 4
+    generate_guidance: float = 3.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: a Hugging Face id, a local diffusers folder, or tiny-random")
+        if not self.out_dir:
+            raise ValueError("--out is required: the new folder that will hold the cache")
+        _check_int("size_px", self.size_px, 16)
+        _check_int("rho", self.rho, 2)
+        _check_int("window_tokens", self.window_tokens, 1)
+        _check_int("block_tokens", self.block_tokens, 1)
+        _check_int("shard_items", self.shard_items, 1, 100_000)
+        _check_int("batch_size", self.batch_size, 1, 1024)
+        _check_int("generate_count", self.generate_count, 0, 10_000_000)
+        _check_int("seed", self.seed, 0, 2**62)
+        _check_float("generate_guidance", self.generate_guidance, 0.0, 100.0)
+        if self.generate_steps is not None:
+            _check_int("generate_steps", self.generate_steps, 1, 1000)
+        if self.text_tokens is not None:
+            _check_int("text_tokens", self.text_tokens, 1, MAX_TEXT_TOKENS)
+        if self.generate_count:
+            if not self.prompts_file:
+                raise ValueError(f"--generate {self.generate_count} needs --prompts FILE (one prompt per line)")
+            if self.images_dir or self.captions_file:
+                raise ValueError("--generate makes its own images and captions; drop --images / --captions")
+        elif not self.images_dir:
+            raise ValueError("pass --images DIR (a folder of images with captions) or --generate N --prompts FILE")
+        check_geometry(self.size_px, self.rho, self.window_tokens, self.block_tokens,
+                       self.text_tokens or self.block_tokens)
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``ultragen train``: the guide LoRA's flow-matching run over a prepared cache.
+
+    ``batch_size`` is per process; one optimizer step sees ``batch_size * grad_accum * processes`` images.
+    ``window_tokens`` / ``block_tokens`` None: the cache's. ``size_px`` / ``rho``, when given, must equal the
+    cache's (a check, not an override: the cached latents fix them). ``val_items`` None: ``clamp(n // 10, 1, 8)``
+    cached items are held out for the deterministic validation loss (0: no validation loss).
+    """
+
+    model: str
+    cache_dir: str
+    out_dir: str
+    steps: int = 1000
+    lr: float | None = None  # None: 1e-4 for AdamW, 1.0 for Prodigy
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    rank: int = 16
+    alpha: float = 16.0
+    targets: LoraTargets = LoraTargets.QKV
+    optimizer: Optimizer = Optimizer.ADAMW
+    batch_size: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0  # 0: no clipping (the authors clip at 0.1 with Prodigy)
+    caption_dropout: float = 0.1
+    logit_mean: float = 0.0  # t = sigmoid(n), n ~ N(logit_mean, logit_std**2)
+    logit_std: float = 1.0
+    guidance: float = 1.0  # guidance embedding for guidance-distilled models (the authors train at 1.0)
+    policy: str = "default"
+    ntk_factor: float = 1.0
+    window_tokens: int | None = None
+    block_tokens: int | None = None
+    size_px: int | None = None
+    rho: int | None = None
+    val_items: int | None = None
+    save_every: int = 500
+    validate_every: int = 250
+    validate_prompts: str | None = None
+    seed: int = 0
+    resume: bool = False
+
+    # settings a resumed run may change (the run folder may have moved); every other one must match the checkpoint's
+    RESUMABLE = ("out_dir", "steps", "save_every", "validate_every", "validate_prompts", "resume")
+
+    def __post_init__(self) -> None:
+        for name, kind in (("lr_schedule", LrSchedule), ("targets", LoraTargets), ("optimizer", Optimizer)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not one of {[k.value for k in kind]}") from None
+        _validate(self)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.optimizer is Optimizer.PRODIGY else 1e-4
+
+    def to_record(self) -> dict:
+        """JSON-ready dict of every field (run dir ``config.json``, checkpoints, LoRA metadata)."""
+        record = asdict(self)
+        for name in ("lr_schedule", "targets", "optimizer"):
+            record[name] = getattr(self, name).value
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**record)
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """'name: this X, other Y' for every setting that differs and may not change on resume."""
+        a, b = self.to_record(), other.to_record()
+        return [f"{k}: checkpoint {b[k]!r}, now {a[k]!r}" for k in a if k not in self.RESUMABLE and a[k] != b[k]]
+
+
+def _validate(c: TrainConfig) -> None:
+    for name in ("model", "cache_dir", "out_dir"):
+        if not getattr(c, name):
+            flag = {"model": "--model", "cache_dir": "--cache", "out_dir": "--out"}[name]
+            raise ValueError(f"{flag} is required (ultragen train --model ID --cache CACHE --out RUN_DIR)")
+    _check_int("steps", c.steps, 1, 10_000_000)
+    if c.lr is not None:
+        _check_float("lr", c.lr, 0.0, 100.0, low_open=True)
+    _check_int("warmup_steps", c.warmup_steps, 0, 10_000_000)
+    _check_float("weight_decay", c.weight_decay, 0.0, 10.0)
+    _check_int("rank", c.rank, 1, 1024)
+    _check_float("alpha", c.alpha, 0.0, 1e6, low_open=True)
+    _check_int("batch_size", c.batch_size, 1, 1024)
+    _check_int("grad_accum", c.grad_accum, 1, 4096)
+    _check_float("max_grad_norm", c.max_grad_norm, 0.0, 1e6)
+    _check_float("caption_dropout", c.caption_dropout, 0.0, 1.0)
+    _check_float("logit_mean", c.logit_mean, -10.0, 10.0)
+    _check_float("logit_std", c.logit_std, 0.0, 10.0, low_open=True)
+    _check_float("guidance", c.guidance, 0.0, 100.0)
+    _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
+    if c.policy not in PRESETS:
+        raise ValueError(f"unknown attention policy {c.policy!r}; choose one of {sorted(PRESETS)}")
+    for name in ("window_tokens", "block_tokens", "size_px"):
+        if getattr(c, name) is not None:
+            _check_int(name, getattr(c, name), 1)
+    if c.rho is not None:
+        _check_int("rho", c.rho, 2)
+    if c.val_items is not None:
+        _check_int("val_items", c.val_items, 0, 10_000)
+    _check_int("save_every", c.save_every, 1)
+    _check_int("validate_every", c.validate_every, 1)
+    _check_int("seed", c.seed, 0, 2**40)
+    if c.validate_prompts is not None and not Path(c.validate_prompts).is_file():
+        raise ValueError(f"--validate-prompts {c.validate_prompts!r} is not a file; pass a text file, one prompt "
+                         f"a line")
