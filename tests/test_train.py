@@ -237,3 +237,24 @@ def test_corrupt_checkpoint_is_named_and_kept(cache, full_run, tmp_path):
     with pytest.raises(ValueError, match=r"step-000030/optimizer\.pt' is corrupt .*resume from .*step-000015"):
         train(train_config(cache, run, steps=40, resume=True), **quiet)
     assert snapshot(run) == before
+
+
+def test_generated_training_images(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red circle\na blue square\n")
+    config = prepare_config(None, tmp_path / "cache", images_dir=None, generate_count=3, prompts_file=str(prompts),
+                            generate_steps=2)
+    manifest = prepare_cache(config, **quiet)
+    assert manifest.count == 3
+    assert (tmp_path / "cache" / "images" / "000002.txt").read_text().strip() == "a red circle"
+
+
+def test_validation_samples_through_the_generation_pipeline(tmp_path):
+    images = make_images(tmp_path / "images", 2, size=(520, 512))
+    prepare_cache(prepare_config(images, tmp_path / "cache", size_px=512, window_tokens=16, block_tokens=128), **quiet)
+    prompts = tmp_path / "val.txt"
+    prompts.write_text("a red circle\n")
+    result = train(train_config(tmp_path / "cache", tmp_path / "run", steps=1, validate_every=1, val_items=1,
+                                validate_prompts=str(prompts)), **quiet)
+    assert sorted(p.name for p in (result.run_dir / "samples").iterdir()) == ["step-000000-00.png",
+                                                                              "step-000001-00.png"]
