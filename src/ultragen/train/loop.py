@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ultragen.flux import HierFluxTransformer
-from ultragen.flux.lora import LoraMetadata
+from ultragen.flux.lora import LoraMetadata, save_guide_lora
 from ultragen.layout import HierLayout, make_layout
 from ultragen.policy import build_plan, get_policy
 from ultragen.train import rundir
@@ -130,23 +130,43 @@ def _restore(checkpoint_path: Path, transformer, optimizer, scheduler, config: T
     return ckpt.step, list(ckpt.state["history"]), {int(k): v for k, v in ckpt.state.get("val", {}).items()}
 
 
-def train(config: TrainConfig, progress: bool = True, log_line: Callable[[str], None] = print,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``config``; returns the final LoRA path and the loss history.
+@dataclass
+class _Run:
+    """Everything one training process holds (built by :func:`_build`)."""
 
-    ``on_step(step, record)`` is called after each optimizer step (after its checkpoint, if any)."""
+    config: TrainConfig
+    accelerator: object
+    run_dir: Path
+    cache: TrainingCache
+    layout: HierLayout
+    plan: object
+    transformer: torch.nn.Module
+    hier: HierFluxTransformer
+    model: torch.nn.Module  # hier as prepared by accelerate (DDP-wrapped with several processes)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: Sampler
+    val_items: list[int]
+    guidance: float | None
+    dtype: torch.dtype
+    log_line: Callable[[str], None]
+    history: list[dict] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _build(config: TrainConfig, run_dir: Path, log_line) -> _Run:
     accelerator = make_accelerator()
-    main = accelerator.is_main_process
-    run_dir = Path(config.out_dir).expanduser()
-    resume_from = rundir.check_run_dir(run_dir, config)
     cache = TrainingCache(config.cache_dir)
-    cache.check_run(config.model, config.size_px, config.rho)
-    device = accelerator.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cache.check_run(config.model, config.size_px, config.rho)  # before any weights are loaded
+    dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     transformer = load_transformer(config.model, dtype)
     cache.check_transformer(config.model, transformer.config)
     layout = training_layout(config, cache)
-    plan = build_plan(layout, config.policy)
     train_items, val_items = split_items(len(cache), config.val_items)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the LoRA's A matrices: the same initial adapter for the same seed
@@ -156,87 +176,109 @@ def train(config: TrainConfig, progress: bool = True, log_line: Callable[[str], 
     optimizer = make_optimizer(config, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(hier, optimizer)
-    guidance = config.guidance if transformer.config.guidance_embeds else None
     sampler = Sampler(train_items, config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
+    guidance = config.guidance if transformer.config.guidance_embeds else None
+    return _Run(config, accelerator, run_dir, cache, layout, build_plan(layout, config.policy), transformer, hier,
+                model, params, optimizer, scheduler, sampler, val_items, guidance, dtype, log_line)
 
-    start, history, val_losses = 0, [], {}
+
+def _validate(run: _Run, step: int) -> None:
+    """Held-out loss (and samples with --validate-prompts) on the main process; the others wait."""
+    if run.val_items and run.main:
+        with run.accelerator.autocast():
+            value = validation_loss(run.hier, run.cache, run.val_items, run.layout, run.plan, run.guidance,
+                                    run.accelerator.device, run.dtype)
+        run.val_losses[step] = value
+        rundir.append_log(run.run_dir, {"step": step, "val_loss": value})
+        run.log_line(f"step {step}: validation loss {value:.5f}")
+        if run.config.validate_prompts:
+            from ultragen.train.samples import write_samples
+
+            write_samples(run.transformer, run.config, run.layout, run.run_dir, step, run.log_line)
+    run.accelerator.wait_for_everyone()
+
+
+def _step(run: _Run, step: int) -> dict:
+    """One optimizer step (``grad_accum`` micro-batches); returns its log record."""
+    config, acc = run.config, run.accelerator
+    began = time.perf_counter()
+    losses = []
+    for micro in range(config.grad_accum):
+        g = step_generator(config.seed, step, micro, acc.process_index)
+        batch = run.cache.load(run.sampler.items(step, micro, acc.process_index))
+        noised = draw(run.cache, batch, run.layout, g, config.caption_dropout, config.logit_mean, config.logit_std)
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.model):  # all-reduce once per step
+            loss = flow_loss(run.model, noised, run.plan, run.guidance, acc.device, run.dtype)
+            acc.backward(loss / config.grad_accum)
+        losses.append(loss.detach())
+    grad_norm = acc.clip_grad_norm_(run.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": float(acc.reduce(torch.stack(losses).mean(), reduction="mean")),
+            "lr": run.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
+            "s": round(time.perf_counter() - began, 4)}
+
+
+def _save(run: _Run, step: int) -> None:
+    state = {"world_size": run.accelerator.num_processes, "config": run.config.to_record(), "history": run.history,
+             "val": run.val_losses}
+    save_checkpoint(run.run_dir, step, run.transformer, lora_metadata(run.config, run.layout, step), run.optimizer,
+                    run.scheduler, state)
+
+
+def _start(run: _Run, resume_from: Path | None) -> int:
+    """Restore a checkpoint or record a new run; returns the first step to run."""
+    start = 0
     if resume_from is not None:
-        start, history, val_losses = _restore(resume_from, transformer, optimizer, scheduler, config,
-                                              accelerator.num_processes)
-    if main:
+        start, run.history, run.val_losses = _restore(resume_from, run.transformer, run.optimizer, run.scheduler,
+                                                      run.config, run.accelerator.num_processes)
+    if run.main:
         if resume_from is None:
-            rundir.write_run_config(run_dir, config)
+            rundir.write_run_config(run.run_dir, run.config)
         else:
-            kept = rundir.retire_final_lora(run_dir, start)
-            rundir.append_log(run_dir, {"event": "resume", "step": start, "from": str(resume_from)})
-            if kept:
-                log_line(f"kept the earlier final LoRA as {kept}")
-        log_line(f"training {len(params)} LoRA tensors ({sum(p.numel() for p in params):,} parameters) on "
-                 f"{len(train_items)} items ({len(val_items)} held out), {layout.height_px} px, rho {layout.rho}, "
-                 f"{accelerator.num_processes} process(es), {device}, steps {start}..{config.steps}")
-
-    def validate(step: int) -> None:
-        if not val_items:
-            return
-        if main:
-            with accelerator.autocast():
-                value = validation_loss(hier, cache, val_items, layout, plan, guidance, device, dtype)
-            val_losses[step] = value
-            rundir.append_log(run_dir, {"step": step, "val_loss": value})
-            log_line(f"step {step}: validation loss {value:.5f}")
-            if config.validate_prompts:
-                from ultragen.train.samples import write_samples
-
-                write_samples(transformer, config, layout, run_dir, step, log_line)
-        accelerator.wait_for_everyone()
-
+            if kept := rundir.retire_final_lora(run.run_dir, start):
+                run.log_line(f"kept the earlier final LoRA as {kept}")
+            rundir.append_log(run.run_dir, {"event": "resume", "step": start, "from": str(resume_from)})
+        run.log_line(f"training {len(run.params)} LoRA tensors ({sum(p.numel() for p in run.params):,} parameters) "
+                     f"on {len(run.sampler.train_items)} items ({len(run.val_items)} held out), "
+                     f"{run.layout.height_px} px, rho {run.layout.rho}, {run.accelerator.num_processes} process(es), "
+                     f"{run.accelerator.device}, steps {start}..{run.config.steps}")
     if resume_from is None:
-        validate(0)
-    bar = tqdm(range(start, config.steps), desc="train", disable=not (progress and main), initial=start,
+        _validate(run, 0)
+    return start
+
+
+def train(config: TrainConfig, progress: bool = True, log_line: Callable[[str], None] = print,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; returns the final LoRA path and the loss history.
+
+    ``on_step(step, record)`` is called after each optimizer step (after its checkpoint, if any)."""
+    run_dir = Path(config.out_dir).expanduser()
+    resume_from = rundir.check_run_dir(run_dir, config)
+    run = _build(config, run_dir, log_line)
+    start = _start(run, resume_from)
+    bar = tqdm(range(start, config.steps), desc="train", disable=not (progress and run.main), initial=start,
                total=config.steps)
     for step in bar:
-        began = time.perf_counter()
-        micro_losses = []
-        for micro in range(config.grad_accum):
-            g = step_generator(config.seed, step, micro, accelerator.process_index)
-            batch = cache.load(sampler.items(step, micro, accelerator.process_index))
-            noised = draw(cache, batch, layout, g, config.caption_dropout, config.logit_mean, config.logit_std)
-            sync = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = flow_loss(model, noised, plan, guidance, device, dtype)
-                accelerator.backward(loss / config.grad_accum)
-            micro_losses.append(loss.detach())
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        step_loss = float(accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean"))
-        record = {"step": done, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": None if grad_norm is None else float(grad_norm),
-                  "s": round(time.perf_counter() - began, 4)}
-        history.append(record)
-        if main:
+        record = _step(run, step)
+        done = record["step"]
+        run.history.append(record)
+        if run.main:
             rundir.append_log(run_dir, record)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
         if done % config.validate_every == 0 or done == config.steps:
-            validate(done)
-        if main and (done % config.save_every == 0 or done == config.steps):
-            state = {"world_size": accelerator.num_processes, "config": config.to_record(), "history": history,
-                     "val": val_losses}
-            save_checkpoint(run_dir, done, transformer, lora_metadata(config, layout, done), optimizer, scheduler,
-                            state)
-        accelerator.wait_for_everyone()
+            _validate(run, done)
+        if run.main and (done % config.save_every == 0 or done == config.steps):
+            _save(run, done)
+        run.accelerator.wait_for_everyone()
         if on_step is not None:
             on_step(done, record)
     bar.close()
     lora_path = run_dir / rundir.FINAL_LORA
-    if main:
-        from ultragen.flux.lora import save_guide_lora
-
-        save_guide_lora(transformer, lora_path, lora_metadata(config, layout, config.steps))
+    if run.main:
+        save_guide_lora(run.transformer, lora_path, lora_metadata(config, run.layout, config.steps))
         log_line(f"wrote {lora_path}")
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir, lora_path, config.steps, history, val_losses, transformer)
-
-
+    run.accelerator.wait_for_everyone()
+    return TrainResult(run_dir, lora_path, config.steps, run.history, run.val_losses, run.transformer)
