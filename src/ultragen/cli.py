@@ -35,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_generate_parser(commands)
     _add_decode_parser(commands)
-    from ultragen.train.commands import add_train_parser
-
-    add_train_parser(commands)
+    _add_testbed_parser(commands)
     return parser
 
 
@@ -190,6 +188,84 @@ def run_decode(args: argparse.Namespace) -> int:
     path = decode_file(args.latent_file, out=args.out, tile_px=args.tile_size, device=args.device, dtype=args.dtype,
                        model=args.model, force=args.force, progress=not args.quiet)
     print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_testbed_parser(commands) -> None:
+    tb = commands.add_parser("testbed", help="the quality testbed: a small FLUX model trained on procedural scenes")
+    which = tb.add_subparsers(dest="testbed", required=True)
+    data = which.add_parser("data", help="write procedural scenes: PNGs, NAME.txt captions, scenes.jsonl")
+    data.add_argument("--out", required=True, help="folder to write")
+    data.add_argument("--count", type=_positive_int, default=16, help="number of scenes (default 16)")
+    data.add_argument("--first-seed", type=_positive_int, default=0, help="seed of the first scene (default 0)")
+    data.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
+    data.add_argument("--scales", type=_positive_int, nargs="+", default=[1], help="also write these multiples")
+    data.add_argument("--force", action="store_true", help="overwrite an existing scene set")
+    data.set_defaults(run=run_testbed_data)
+    train = which.add_parser("train", help="train (or resume) the testbed model with flow matching")
+    train.add_argument("--run-dir", required=True, help="run folder (resumed when it holds a checkpoint)")
+    train.add_argument("--preset", default="base", help="testbed config: base (GPU) or cpu-tiny")
+    train.add_argument("--steps", type=_positive_int, default=20000, help="total optimiser steps (default 20000)")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="scenes per step (default 64)")
+    train.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    train.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights used to sample")
+    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long; rerun to resume")
+    train.add_argument("--workers", type=int, default=0, help="scene-rendering processes (default 0)")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_testbed_train)
+    ev = which.add_parser("eval", help="score every high-resolution strategy at 4x against the base resolution")
+    ev.add_argument("--run-dir", required=True, help="run folder of `ultragen testbed train`")
+    ev.add_argument("--prompts", type=_positive_int, default=32, help="evaluation scenes (default 32)")
+    ev.add_argument("--steps", type=_positive_int, default=20, help="sampling steps N (default 20)")
+    ev.add_argument("--warm-start-skip", type=int, default=7, help="k of N steps skipped by warm start (default 7)")
+    ev.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    ev.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    ev.add_argument("--lora", help="guide LoRA for the windows+guide+lora rows")
+    ev.add_argument("--batch-size", type=_positive_int, default=4, help="prompts per batch (default 4)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    ev.add_argument("--out", help="results JSON (default bench/results/testbed-<yyyymmdd>.json)")
+    ev.add_argument("--grid", help="sample grid PNG (default: next to the JSON)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(run=run_testbed_eval)
+
+
+def run_testbed_data(args: argparse.Namespace) -> int:
+    from ultragen.testbed.data import write_scenes
+
+    seeds = range(args.first_seed, args.first_seed + args.count)
+    paths = list(write_scenes(args.out, seeds, args.size, tuple(args.scales), force=args.force))
+    print(f"wrote {len(paths)} scenes to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_testbed_train(args: argparse.Namespace) -> int:
+    from ultragen.testbed.model import get_config
+    from ultragen.testbed.train import TrainSettings, train
+
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                             workers=args.workers)
+    step = train(get_config(args.preset), settings, args.run_dir, device=args.device, progress=not args.quiet,
+                 max_minutes=args.max_minutes, log=lambda line: print(line, file=sys.stderr))
+    print(f"{args.run_dir}: step {step} of {args.steps}", file=sys.stderr)
+    return 0
+
+
+def run_testbed_eval(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
+    from ultragen.testbed.evaluate import EvalSettings, evaluate, write_results
+    from ultragen.testbed.sample import SamplerSettings
+
+    sampler = SamplerSettings(steps=args.steps, warm_start_skip=args.warm_start_skip, cfg_scale=args.cfg,
+                              policy=args.policy)
+    settings = EvalSettings(prompts=args.prompts, batch_size=args.batch_size, lora_path=args.lora, sampler=sampler)
+    out = Path(args.out or f"bench/results/testbed-{datetime.date.today():%Y%m%d}.json")
+    record, images = evaluate(args.run_dir, settings, device=args.device, progress=not args.quiet)
+    write_results(record, images, out, args.grid or out.with_suffix(".png"), settings.grid_prompts)
+    print(json.dumps({"base": record["base"], "rows": record["rows"]}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

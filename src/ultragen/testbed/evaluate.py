@@ -1,0 +1,176 @@
+"""``ultragen testbed eval``: every high-resolution strategy at 4x the base size, scored by the rule-based metrics.
+
+For each evaluation scene (seeds EVAL_SEED0 + i, never trained on) the base-resolution sample is generated first;
+it is the base row's image, the guide of the guide strategies and the warm-start image. Then each strategy runs
+with and without warm start from the same noise. Rows report count / colour / position accuracy of the detector,
+the seam ratio at the window borders and the PSNR of the downsampled output against the base sample (the guide).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ultragen.flux.lora import load_guide_lora
+from ultragen.testbed.metrics import detect, guide_psnr, score, seam_ratio, to_tensor
+from ultragen.testbed.model import TestbedConfig
+from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
+from ultragen.testbed.scenes import Scene, render, sample_scene
+from ultragen.testbed.train import EVAL_SEED0, load_ema
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    prompts: int = 32
+    batch_size: int = 4
+    scale: int = 4  # must equal the model config's rho: the base sample is the guide
+    seed: int = 0  # noise seed (scenes are fixed: EVAL_SEED0 + i)
+    strategies: tuple[Strategy, ...] = tuple(Strategy)
+    lora_path: str | None = None  # guide LoRA for windows+guide+lora; without it that row is reported missing
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    grid_prompts: int = 3  # samples shown in the PNG grid
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategies", tuple(Strategy(s) for s in self.strategies))
+        if self.prompts < 1 or self.batch_size < 1 or self.scale < 2:
+            raise ValueError(f"prompts={self.prompts} and batch_size={self.batch_size} must be >= 1, scale >= 2")
+
+
+@dataclass
+class _Run:
+    """Images of one row for all prompts: (N, 3, H, W) in [0, 1]."""
+
+    images: list[torch.Tensor] = field(default_factory=list)
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat(self.images)
+
+
+def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", progress: bool = True,
+             log: Callable[[str], None] = print) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the results record, {row name: (N, 3, H, W) images}) for the model of ``run_dir``."""
+    config, model, step = load_ema(run_dir, device)
+    if settings.scale != config.rho:
+        raise ValueError(f"scale={settings.scale} must equal the testbed's rho={config.rho} (the base sample is the "
+                         f"guide of the {config.rho}x image)")
+    lora_model = _with_lora(model, settings.lora_path)
+    scenes = [sample_scene(EVAL_SEED0 + i) for i in range(settings.prompts)]
+    encoder, codec = config.text_encoder(), config.codec()
+    rows: dict[str, _Run] = {"base": _Run()}
+    jobs = [(s, w) for s in settings.strategies for w in (False, True)
+            if s is not Strategy.GUIDE_LORA or lora_model is not None]
+    for name in (_row_name(s, w) for s, w in jobs):
+        rows[name] = _Run()
+    start = time.monotonic()
+    batches = range(0, settings.prompts, settings.batch_size)
+    bar = tqdm(total=len(batches) * (1 + len(jobs)), disable=not progress, desc="testbed eval", dynamic_ncols=True)
+    for first in batches:
+        chunk = scenes[first:first + settings.batch_size]
+        prompt = encoder.encode_scenes(chunk)
+        empty = encoder.encode_scenes([None] * len(chunk))
+        noise_base, noise_hires = _noise(config, settings, first, len(chunk), device)
+        guide = sample_base(model, config, prompt, empty, noise_base, settings.sampler)
+        rows["base"].images.append(codec.decode(guide).clamp(0, 1).cpu())
+        bar.update(1)
+        for strategy, warm in jobs:
+            net = lora_model if strategy is Strategy.GUIDE_LORA else model
+            latents = sample_hires(net, config, strategy, warm, guide, prompt, empty, noise_hires, settings.sampler,
+                                   settings.scale)
+            rows[_row_name(strategy, warm)].images.append(codec.decode(latents).clamp(0, 1).cpu())
+            bar.update(1)
+    bar.close()
+    images = {name: run.stacked() for name, run in rows.items()}
+    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start)
+    return record, images
+
+
+def _with_lora(model: torch.nn.Module, path: str | None) -> torch.nn.Module | None:
+    if path is None:
+        return None
+    lora_model = copy.deepcopy(model)
+    load_guide_lora(lora_model, path)
+    return lora_model
+
+
+def _row_name(strategy: Strategy, warm: bool) -> str:
+    return f"{strategy.value}{' +warm' if warm else ''}"
+
+
+def _noise(config: TestbedConfig, settings: EvalSettings, first: int, n: int, device) -> tuple[torch.Tensor, ...]:
+    """Per-prompt noise (the same for every strategy), independent of the batch size."""
+    c, base = config.codec().channels, config.base_tokens
+    out_base, out_hires = [], []
+    for i in range(first, first + n):
+        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+        out_base.append(torch.randn(1, c, base, base, generator=g))
+        out_hires.append(torch.randn(1, c, base * settings.scale, base * settings.scale, generator=g))
+    return torch.cat(out_base).to(device), torch.cat(out_hires).to(device)
+
+
+def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
+    s = score(scenes, [detect(im) for im in images])
+    return {"count_acc": s.count_acc, "color_acc": s.color_acc, "position_acc": s.position_acc}
+
+
+def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
+            images: dict[str, torch.Tensor], jobs, seconds: float) -> dict:
+    window_px = config.window_px
+    base = images["base"]
+    rows = []
+    for strategy, warm in jobs:
+        out = images[_row_name(strategy, warm)]
+        rows.append({"strategy": strategy.value, "warm_start": warm, **_scores(scenes, out),
+                     "seam_ratio": seam_ratio(out, window_px), "guide_psnr": guide_psnr(out, base)})
+    clean = torch.stack([to_tensor(render(s, config.base_px * settings.scale, supersample=1))
+                         for s in scenes[: min(8, len(scenes))]])
+    missing = [] if any(s is Strategy.GUIDE_LORA for s, _ in jobs) else (
+        ["windows+guide+lora: no guide LoRA given (--lora); train one with `ultragen train` on testbed data"]
+        if Strategy.GUIDE_LORA in settings.strategies else [])
+    return {
+        "base": _scores(scenes, base),
+        "rows": rows,
+        "reference": {"clean_render_seam_ratio": seam_ratio(clean, window_px),
+                      "base_seam_ratio": seam_ratio(base, window_px)},
+        "missing": missing,
+        "model": {"config": config.to_dict(), "train_step": step},
+        "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies]},
+        "prompts": [s.caption for s in scenes],
+        "seconds": seconds,
+        "host": {"torch": torch.__version__, "python": platform.python_version(),
+                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+    }
+
+
+def write_results(record: dict, images: dict[str, torch.Tensor], json_path: str | Path, grid_path: str | Path | None,
+                  grid_prompts: int = 3) -> None:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    if grid_path is not None:
+        sample_grid(images, grid_prompts).save(grid_path)
+
+
+def sample_grid(images: dict[str, torch.Tensor], prompts: int = 3) -> Image.Image:
+    """One row per strategy (base upsampled to the hires size with nearest neighbours), one column per prompt."""
+    size = max(im.shape[-1] for im in images.values())
+    pad = 4
+    names = list(images)
+    n = min(prompts, len(images["base"]))
+    canvas = np.ones((len(names) * (size + pad), n * (size + pad), 3), dtype=np.float32)
+    for r, name in enumerate(names):
+        for c in range(n):
+            im = images[name][c]
+            im = torch.nn.functional.interpolate(im[None], size=size, mode="nearest")[0]
+            canvas[r * (size + pad): r * (size + pad) + size, c * (size + pad): c * (size + pad) + size] = \
+                im.permute(1, 2, 0).numpy()
+    return Image.fromarray((canvas * 255).round().astype(np.uint8))

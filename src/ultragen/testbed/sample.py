@@ -1,0 +1,145 @@
+"""Sampling from a testbed model: the base resolution (stock forward) and 4x with each high-resolution strategy.
+
+Every strategy integrates the same flow-matching ODE with Euler steps on the schedule of
+:func:`ultragen.pipeline.schedule.hires_scheduler` (static shift), with classifier-free guidance against the empty
+caption. What differs is the velocity function at the hires size:
+
+- ``dense``: the stock model over the whole 4x grid with its true positions (plain extrapolation);
+- ``windows``: :class:`~ultragen.flux.HierFluxTransformer` with windows only (no guide segment);
+- ``windows+guide``: windows plus the base-resolution sample as the guide (training-free);
+- ``windows+guide+lora``: the same with a guide LoRA loaded into the model.
+
+Warm start (any strategy): the base sample, upsampled, sharpened and re-noised to the schedule's sigma at step k
+(:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. Latents are unpacked (B, C, rows, cols).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+from ultragen.flux import HierFluxTransformer
+from ultragen.pipeline.schedule import hires_scheduler
+from ultragen.pipeline.warm_start import warm_start_latent
+from ultragen.policy import build_plan
+from ultragen.testbed.latent import from_tokens, to_tokens
+from ultragen.testbed.model import TestbedConfig, raster_ids
+from ultragen.testbed.text import PromptEmbeds
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor]  # (x, sigma (B,), prompt) -> v
+
+
+class Strategy(str, Enum):
+    DENSE = "dense"
+    WINDOWS = "windows"
+    GUIDE = "windows+guide"
+    GUIDE_LORA = "windows+guide+lora"
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything a sample depends on besides the model, prompt and seed."""
+
+    steps: int = 20
+    cfg_scale: float = 3.0  # classifier-free guidance against the empty caption (1: none)
+    base_shift: float = 1.0  # static schedule shift at the base size (the model was trained there)
+    hires_shift: float = 3.0  # static shift at 4x (more noise for more tokens, as FLUX.1-dev's 3)
+    warm_start_skip: int = 7  # k of N hires steps skipped under warm start (FLUX.1-dev: 10 of 28)
+    sharpen_strength: float = 0.5
+    sharpen_sigma_tokens: float = 1.0
+    policy: str = "default"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not 0 <= self.warm_start_skip < self.steps:
+            raise ValueError(f"steps={self.steps} must be >= 1 and warm_start_skip={self.warm_start_skip} in "
+                             f"[0, steps)")
+        if self.cfg_scale < 0 or self.base_shift <= 0 or self.hires_shift <= 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 and shifts > 0")
+
+
+def _sigmas(steps: int, skip: int, shift: float) -> torch.Tensor:
+    """(steps - skip + 1,) float32 sigmas from step ``skip`` down to 0."""
+    scheduler = hires_scheduler(FlowMatchEulerDiscreteScheduler(shift=shift), steps, skip, shift=shift)
+    return scheduler.sigmas[skip:].float()
+
+
+def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, prompt: PromptEmbeds, empty: PromptEmbeds,
+          cfg_scale: float) -> torch.Tensor:
+    """Integrate dx/dsigma = v from sigmas[0] to sigmas[-1] with classifier-free guidance; x: (B, C, rows, cols)."""
+    b = x.shape[0]
+    both = PromptEmbeds(torch.cat([prompt.embeds, empty.embeds]), torch.cat([prompt.pooled, empty.pooled]))
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        sigma = torch.full((2 * b,), s, device=x.device)
+        v_cond, v_empty = velocity(torch.cat([x, x]), sigma, both).chunk(2)
+        x = x + (s_next - s) * (v_empty + cfg_scale * (v_cond - v_empty))
+    return x
+
+
+def stock_velocity(model: FluxTransformer2DModel, grid: tuple[int, int]) -> Velocity:
+    """The unmodified model over a ``grid`` of tokens with true (raster) positions."""
+    img_ids = raster_ids(*grid)
+
+    def velocity(x, sigma, prompt):
+        out = model(hidden_states=to_tokens(x), encoder_hidden_states=prompt.embeds,
+                    pooled_projections=prompt.pooled, timestep=sigma, img_ids=img_ids.to(x.device),
+                    txt_ids=torch.zeros(prompt.embeds.shape[1], 3, device=x.device), return_dict=False)[0]
+        return from_tokens(out, grid)
+
+    return velocity
+
+
+def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: int, guide: torch.Tensor | None,
+                  settings: SamplerSettings) -> Velocity:
+    """The hierarchical forward at ``scale`` x base: windows only (guide None) or with the clean guide latent
+    (B, C, base, base) in the sequence (the batch is doubled for guidance, so the guide is too)."""
+    layout = config.layout(scale, guide=guide is not None)
+    if guide is not None and tuple(guide.shape[-2:]) != layout.guide_grid:
+        raise ValueError(f"the guide latent is {tuple(guide.shape[-2:])} tokens but a {scale}x layout with rho="
+                         f"{config.rho} needs {layout.guide_grid}: evaluate at scale = rho so the base sample is the "
+                         f"guide")
+    plan = build_plan(layout, settings.policy)
+    hier = HierFluxTransformer(model, backend=settings.backend)
+    guide_seq = None if guide is None else layout.guide_to_sequence(to_tokens(torch.cat([guide, guide])))
+    grid = layout.padded_grid
+
+    def velocity(x, sigma, prompt):
+        out = hier(layout.hires_to_sequence(to_tokens(x)), prompt.embeds, prompt.pooled, sigma, plan, guide=guide_seq)
+        return from_tokens(layout.hires_to_raster(out), grid)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample_base(model: FluxTransformer2DModel, config: TestbedConfig, prompt: PromptEmbeds, empty: PromptEmbeds,
+                noise: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """Base-resolution latents (B, C, base, base) from ``noise`` of that shape."""
+    grid = (config.base_tokens, config.base_tokens)
+    sigmas = _sigmas(settings.steps, 0, settings.base_shift)
+    return euler(stock_velocity(model, grid), noise, sigmas, prompt, empty, settings.cfg_scale)
+
+
+@torch.no_grad()
+def sample_hires(model: FluxTransformer2DModel, config: TestbedConfig, strategy: Strategy, warm_start: bool,
+                 guide: torch.Tensor, prompt: PromptEmbeds, empty: PromptEmbeds, noise: torch.Tensor,
+                 settings: SamplerSettings, scale: int = 4) -> torch.Tensor:
+    """Latents (B, C, scale * base, scale * base). ``guide``: the base sample (B, C, base, base), used as the
+    guide stream by the guide strategies and as the warm-start image when ``warm_start``. The LoRA strategy expects
+    the LoRA already loaded into ``model``."""
+    strategy = Strategy(strategy)
+    size = (config.base_tokens * scale, config.base_tokens * scale)
+    if strategy is Strategy.DENSE:
+        velocity = stock_velocity(model, size)
+    else:
+        velocity = hier_velocity(model, config, scale, None if strategy is Strategy.WINDOWS else guide, settings)
+    skip = settings.warm_start_skip if warm_start else 0
+    sigmas = _sigmas(settings.steps, skip, settings.hires_shift)
+    x = noise
+    if warm_start:
+        x = warm_start_latent(guide, size, noise, float(sigmas[0]), settings.sharpen_strength,
+                              settings.sharpen_sigma_tokens)
+    return euler(velocity, x, sigmas, prompt, empty, settings.cfg_scale)

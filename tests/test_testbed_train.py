@@ -1,0 +1,78 @@
+"""Testbed training (resumable, deterministic), sampling with every strategy, evaluation and the CLI (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from ultragen.cli import main
+from ultragen.testbed.evaluate import EvalSettings, evaluate, sample_grid
+from ultragen.testbed.model import TestbedConfig
+from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
+from ultragen.testbed.scenes import sample_scene
+from ultragen.testbed.train import TrainSettings, load_ema, loss_curve, train
+
+MICRO = TestbedConfig(name="micro", base_tokens=8, token_px=2, window_tokens=4, block_tokens=16, rho=2,
+                      text_tokens=16, layers=1, single_layers=1, heads=2, head_dim=16, axes_dims_rope=(4, 6, 6))
+SETTINGS = TrainSettings(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1, supersample=1)
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    train(MICRO, SETTINGS, tmp_path / "a", progress=False, log=_quiet)
+    stopped = TrainSettings(**{**SETTINGS.__dict__, "steps": 2})
+    train(MICRO, stopped, tmp_path / "b", progress=False, log=_quiet)
+    assert load_ema(tmp_path / "b")[2] == 2
+    train(MICRO, SETTINGS, tmp_path / "b", progress=False, log=_quiet)
+    (_, a, step_a), (_, b, step_b) = load_ema(tmp_path / "a"), load_ema(tmp_path / "b")
+    assert step_a == step_b == 4
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["step"] for r in loss_curve(tmp_path / "a")] == [1, 2, 3, 4]
+    assert (tmp_path / "a" / "model" / "config.json").exists()
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), tmp_path, progress=False, log=_quiet)
+    with pytest.raises(ValueError, match="same preset"):
+        train(TestbedConfig(**{**MICRO.to_dict(), "layers": 2}), SETTINGS, tmp_path, progress=False, log=_quiet)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy)[:3])
+@pytest.mark.parametrize("warm", [False, True])
+def test_every_strategy_samples_a_hires_latent(strategy, warm):
+    model = MICRO.build_model().eval()
+    enc = MICRO.text_encoder()
+    prompt, empty = enc.encode_scenes([sample_scene(0)]), enc.encode_scenes([None])
+    settings = SamplerSettings(steps=3, warm_start_skip=1, backend="reference")
+    c, n = MICRO.codec().channels, MICRO.base_tokens
+    guide = sample_base(model, MICRO, prompt, empty, torch.randn(1, c, n, n), settings)
+    out = sample_hires(model, MICRO, strategy, warm, guide, prompt, empty, torch.randn(1, c, 2 * n, 2 * n), settings,
+                       scale=2)
+    assert out.shape == (1, c, 2 * n, 2 * n) and torch.isfinite(out).all()
+
+
+def test_evaluate_writes_every_row(tmp_path):
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), tmp_path, progress=False, log=_quiet)
+    settings = EvalSettings(prompts=2, batch_size=2, scale=2, sampler=SamplerSettings(steps=2, warm_start_skip=1))
+    record, images = evaluate(tmp_path, settings, progress=False, log=_quiet)
+    assert record["base"].keys() == {"count_acc", "color_acc", "position_acc"}
+    assert [(r["strategy"], r["warm_start"]) for r in record["rows"]] == [
+        (s.value, w) for s in list(Strategy)[:3] for w in (False, True)]
+    assert record["missing"] and "lora" in record["missing"][0]
+    json.dumps(record)
+    assert sample_grid(images, 2).size == (2 * (16 * 2 + 4), 7 * (16 * 2 + 4))
+    with pytest.raises(ValueError, match="must equal the testbed's rho"):
+        evaluate(tmp_path, EvalSettings(prompts=1, scale=4), progress=False)
+
+
+def test_cli_testbed_data(tmp_path, capsys):
+    assert main(["testbed", "data", "--out", str(tmp_path), "--count", "3", "--size", "32", "--scales", "1", "4"]) == 0
+    lines = (tmp_path / "scenes.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["caption"] == sample_scene(0).caption
+    assert (tmp_path / "0000000002@4x.png").exists() and (tmp_path / "0000000002.txt").exists()
+    assert main(["testbed", "data", "--out", str(tmp_path), "--count", "1"]) == 2
+    assert "already holds" in capsys.readouterr().err
