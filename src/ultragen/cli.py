@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_decode_parser(commands)
     _add_testbed_parser(commands)
+    from ultragen.train.commands import add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 
