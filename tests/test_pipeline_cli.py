@@ -198,6 +198,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert sorted(inputs.iterdir()) == before
 
 
+def test_mismatched_lora_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from ultragen.pipeline import two_stage
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(two_stage.UltraGenPipeline, "from_pretrained", no_loading)
+    lora = _lora_file(tmp_path, rho=2)
+    assert generate("--prompt", "a fox", "--width", "512", "--height", "512", "--lora", str(lora),
+                    "--out", str(tmp_path / "fox.png")) == 2
+    assert "rho: LoRA 2, run 4" in capsys.readouterr().err
+
+
 def test_existing_output_is_kept_without_force(tmp_path, capsys):
     out = tmp_path / "fox.png"
     out.write_bytes(b"precious")

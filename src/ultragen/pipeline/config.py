@@ -114,6 +114,15 @@ class GenerationConfig:
         first = self.layouts()[0]
         return first.guide_height_px, first.guide_width_px
 
+    def lora_expectation(self, model: str | None = None):
+        """The ``LoraMetadata`` a guide LoRA must have been trained under to be used by this run."""
+        from ultragen.flux.lora import LoraMetadata
+        from ultragen.policy import get_policy
+
+        return LoraMetadata(base_model=model or self.model, policy=get_policy(self.policy).to_dict(), rho=self.rho,
+                            guide_offset_tokens=self.layouts()[-1].guide_offset_tokens, ntk_factor=self.ntk_factor,
+                            window_tokens=self.window_tokens)
+
     def is_resolved(self) -> bool:
         """True once the model defaults are filled (guidance stays None for models without a guidance embedding)."""
         return None not in (self.steps, self.guide_steps, self.warm_start_skip, self.text_tokens, self.shift)

@@ -87,10 +87,23 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
     if seeds[-1] > 2**63 - 1:
         raise ValueError(f"seed={config.seed} + {len(prompts) - 1} prompts passes the largest seed 2**63-1")
     outputs = plan_outputs(out, prompts, seeds, force)
+    if config.lora_path is not None and not lora_allow_mismatch:
+        _check_lora(config)
     device, dtype = resolve_device(device, dtype)
     if config.fp8 and device == "cpu":
         raise ValueError("--fp8 needs a CUDA GPU (compute capability 8.9+); leave it out on the CPU")
     return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch)
+
+
+def _check_lora(config: GenerationConfig) -> None:
+    """Refuse a LoRA trained under other settings before the model is loaded (the load checks again)."""
+    from ultragen.flux.lora import read_lora_metadata
+
+    if diff := read_lora_metadata(config.lora_path).mismatches(config.lora_expectation()):
+        raise ValueError(
+            f"LoRA {config.lora_path!r} was trained under other settings ({'; '.join(diff)}); run with the LoRA's "
+            f"settings, or pass --lora-force if you know it is safe"
+        )
 
 
 def versions() -> dict[str, str]:

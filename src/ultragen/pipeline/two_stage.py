@@ -28,7 +28,7 @@ from ultragen.pipeline.decode import decode_latents, to_pil
 from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
 from ultragen.pipeline.schedule import hires_scheduler
 from ultragen.pipeline.warm_start import warm_start_latent
-from ultragen.policy import build_plan, get_policy
+from ultragen.policy import build_plan
 
 VAE_SCALE = 8  # FLUX.1's VAE: 8 px per latent pixel; a packed token is 2x2 latent pixels (layout.PATCH_PX = 16)
 
@@ -140,12 +140,9 @@ class UltraGenPipeline:
 
     def load_lora(self, path: str, config: GenerationConfig, allow_mismatch: bool = False):
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
-        from ultragen.flux.lora import LoraMetadata, load_guide_lora
+        from ultragen.flux.lora import load_guide_lora
 
-        layout = config.layouts()[-1]
-        expected = LoraMetadata(base_model=config.model or self.model, policy=get_policy(config.policy).to_dict(),
-                                rho=config.rho, guide_offset_tokens=layout.guide_offset_tokens,
-                                ntk_factor=config.ntk_factor, window_tokens=config.window_tokens)
+        expected = config.lora_expectation(config.model or self.model)
         self.lora_metadata = load_guide_lora(self.flux.transformer, path, expected=expected,
                                              allow_mismatch=allow_mismatch)
         return self.lora_metadata
