@@ -151,12 +151,13 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.add_argument("--dry-run", action="store_true", help="check everything, print the plan as JSON, load nothing")
     gen.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from ultragen.pipeline.config import GenerationConfig
-    from ultragen.pipeline.job import generate_files, prepare_generation
+    from ultragen.pipeline.job import describe, generate_files, prepare_generation
 
     config = GenerationConfig(
         height_px=args.height, width_px=args.width, model=args.model, seed=args.seed, steps=args.steps,
@@ -168,6 +169,9 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)
+    if args.dry_run:
+        print(json.dumps(describe(job), indent=2))
+        return 0
     generate_files(job, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
     return 0
 

@@ -7,18 +7,16 @@ the training images with the base model, encode, write shards, write the manifes
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ultragen.train.cache import EMPTY, ITEMS, CacheManifest, CacheWriter, normalise_model, write_tensors_atomic, \
-    write_text_atomic
+from ultragen.train.cache import (
+    EMPTY, ITEMS, CacheManifest, CacheWriter, normalise_model, write_tensors_atomic, write_text_atomic,
+)
 from ultragen.train.config import MAX_TEXT_TOKENS, PrepareConfig, check_geometry
 from ultragen.train.data import Item, check_images, collect_items, guide_image, load_square, to_tensor
-
-log = logging.getLogger(__name__)
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
