@@ -106,6 +106,20 @@ def _check_lora(config: GenerationConfig) -> None:
         )
 
 
+def describe(job: GenerationJob) -> dict:
+    """What ``job`` would do, without loading anything (``ultragen generate --dry-run``); None = model default."""
+    layouts = job.config.layouts()
+    return {
+        "config": job.config.to_record(),
+        "guide_size_px": [job.config.guide_size_px[1], job.config.guide_size_px[0]],
+        "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
+        "prompts": [{"prompt": p, "seed": s, "files": [str(f) for f in paths.all()]}
+                    for p, s, paths in zip(job.prompts, job.seeds(), job.outputs)],
+        "device": job.device,
+        "dtype": job.dtype,
+    }
+
+
 def versions() -> dict[str, str]:
     import diffusers
     import transformers
