@@ -32,7 +32,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     assert [r["step"] for r in loss_curve(tmp_path / "a")] == [1, 2, 3, 4]
-    assert (tmp_path / "a" / "model" / "config.json").exists()
+    assert (tmp_path / "a" / "model" / "transformer" / "config.json").exists()
 
 
 def test_resume_refuses_another_config(tmp_path):
@@ -76,3 +76,16 @@ def test_cli_testbed_data(tmp_path, capsys):
     assert (tmp_path / "0000000002@4x.png").exists() and (tmp_path / "0000000002.txt").exists()
     assert main(["testbed", "data", "--out", str(tmp_path), "--count", "1"]) == 2
     assert "already holds" in capsys.readouterr().err
+
+
+def test_guide_lora_chain_on_testbed_data(tmp_path):
+    """testbed train -> testbed lora-cache -> ultragen train (the guide LoRA) -> testbed eval with the LoRA row."""
+    run, cache, lora_run = tmp_path / "run", tmp_path / "cache", tmp_path / "lora"
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), run, progress=False, log=_quiet)
+    assert main(["testbed", "lora-cache", "--run-dir", str(run), "--out", str(cache), "--count", "4"]) == 0
+    assert main(["train", "--model", str(run / "model"), "--cache", str(cache), "--out", str(lora_run),
+                 "--steps", "1", "--val-items", "1"]) == 0
+    settings = EvalSettings(prompts=1, batch_size=1, scale=2, lora_path=str(lora_run / "guide_lora.safetensors"),
+                            sampler=SamplerSettings(steps=2, warm_start_skip=1))
+    record, _ = evaluate(run, settings, progress=False, log=_quiet)
+    assert [r["strategy"] for r in record["rows"]][-2:] == ["windows+guide+lora"] * 2 and not record["missing"]

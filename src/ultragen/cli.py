@@ -235,6 +235,21 @@ def _add_testbed_parser(commands) -> None:
     ev.add_argument("--grid", help="sample grid PNG (default: next to the JSON)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(run=run_testbed_eval)
+    cache = which.add_parser("lora-cache", help="a guide-LoRA cache of testbed scenes for `ultragen train`")
+    cache.add_argument("--run-dir", required=True, help="run folder of `ultragen testbed train`")
+    cache.add_argument("--out", required=True, help="new cache folder")
+    cache.add_argument("--count", type=_positive_int, default=2048, help="scenes (default 2048)")
+    cache.set_defaults(run=run_testbed_lora_cache)
+
+
+def run_testbed_lora_cache(args: argparse.Namespace) -> int:
+    from ultragen.testbed.lora_data import write_lora_cache
+
+    for written in write_lora_cache(args.run_dir, args.out, args.count):
+        print(f"\r{written}/{args.count} scenes", end="", file=sys.stderr)
+    print(f"\nwrote {args.out}; next: ultragen train --model {args.run_dir}/model --cache {args.out} --out RUN",
+          file=sys.stderr)
+    return 0
 
 
 def run_testbed_data(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ Run folder::
 
     RUN_DIR/testbed.json           the TestbedConfig (a resumed run must use the same)
     RUN_DIR/checkpoint/            model.safetensors, ema.safetensors, optimizer.pt, state.json (written atomically)
-    RUN_DIR/model/                 the EMA model as a diffusers folder (FluxTransformer2DModel.from_pretrained)
+    RUN_DIR/model/transformer/     the EMA model, diffusers format (``ultragen train --model RUN_DIR/model``)
     RUN_DIR/log.jsonl              one line per logged step: step, loss, lr, seconds
 """
 
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -160,8 +161,16 @@ def train(config: TestbedConfig, settings: TrainSettings, run_dir: str | Path, d
             log(f"stopped at step {step} after {max_minutes} min; run the same command again to resume")
             break
     bar.close()
-    ema.save_pretrained(run_dir / "model")
+    export_model(ema, run_dir / "model")
     return step
+
+
+def export_model(ema: torch.nn.Module, folder: Path) -> None:
+    """The EMA model as a transformer-only diffusers folder, loadable by ``ultragen train --model FOLDER``."""
+    ema.save_pretrained(folder / "transformer")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+             "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -216,14 +225,20 @@ def _resume(run_dir: Path, model, ema, optimizer, device: torch.device, log) -> 
     return step
 
 
+def load_config(run_dir: str | Path) -> TestbedConfig:
+    path = Path(run_dir) / "testbed.json"
+    if not path.exists():
+        raise ValueError(f"{run_dir} is not a testbed run; train one with `ultragen testbed train --run-dir {run_dir}`")
+    return TestbedConfig.from_dict(json.loads(path.read_text()))
+
+
 def load_ema(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TestbedConfig, torch.nn.Module, int]:
     """(config, EMA model in eval mode, step) of a run's latest checkpoint."""
     run_dir = Path(run_dir)
     folder = run_dir / _CHECKPOINT
-    if not (run_dir / "testbed.json").exists() or not folder.exists():
-        raise ValueError(f"{run_dir} has no testbed checkpoint; train one with `ultragen testbed train --run-dir "
-                         f"{run_dir}`")
-    config = TestbedConfig.from_dict(json.loads((run_dir / "testbed.json").read_text()))
+    config = load_config(run_dir)
+    if not folder.exists():
+        raise ValueError(f"{run_dir} has no checkpoint yet; run `ultragen testbed train --run-dir {run_dir}`")
     model = config.build_model().to(device).eval().requires_grad_(False)
     model.load_state_dict(load_file(folder / "ema.safetensors", device=str(device)))
     step = json.loads((folder / "state.json").read_text())["step"]
