@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ultragen.testbed.latent import LatentCodec, from_tokens, to_tokens
-from ultragen.testbed.metrics import box_downsample, detect, guide_psnr, psnr_db, score, seam_ratio, to_tensor
+from ultragen.testbed.metrics import detect, guide_psnr, psnr_db, score, seam_ratio, to_tensor
 from ultragen.testbed.model import PRESETS, TestbedConfig, raster_ids
 from ultragen.testbed.scenes import (
     Background,

@@ -59,7 +59,8 @@ class LatentCodec:
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of token_px -> (B, C, H / token_px, W / token_px)."""
-        if image.dim() != 4 or image.shape[1] != 3 or image.shape[-1] % self.token_px or image.shape[-2] % self.token_px:
+        p = self.token_px
+        if image.dim() != 4 or image.shape[1] != 3 or image.shape[-1] % p or image.shape[-2] % p:
             raise ValueError(f"image must be (B, 3, H, W) with H, W multiples of token_px={self.token_px}, "
                              f"got {tuple(image.shape)}")
         patches = F.pixel_unshuffle(image * 2 - 1, self.token_px)

@@ -47,12 +47,13 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
         yield first + len(scenes)
     empty = encoder.encode_scenes([None])
     write_tensors_atomic(out / EMPTY, {"text": empty.embeds[0], "pooled": empty.pooled[0]})
-    writer.finish(dict(
-        model=normalise_model(str(run_dir / "model")), size_px=layout_px(config.base_tokens * scale), rho=config.rho,
-        window_tokens=config.window_tokens, block_tokens=config.block_tokens, text_tokens=config.text_tokens,
-        channels=codec.channels, joint_dim=config.joint_dim, pooled_dim=config.pooled_dim,
-        prepare={"testbed": config.to_dict(), "scale": scale, "first_seed": LORA_SEED0, "count": count},
-    ))
+    writer.finish({
+        "model": normalise_model(str(run_dir / "model")), "size_px": layout_px(config.base_tokens * scale),
+        "rho": config.rho, "window_tokens": config.window_tokens, "block_tokens": config.block_tokens,
+        "text_tokens": config.text_tokens, "channels": codec.channels, "joint_dim": config.joint_dim,
+        "pooled_dim": config.pooled_dim,
+        "prepare": {"testbed": config.to_dict(), "scale": scale, "first_seed": LORA_SEED0, "count": count},
+    })
     (out / "testbed.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 

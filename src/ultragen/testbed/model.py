@@ -72,8 +72,8 @@ class TestbedConfig:
         """Layout of a ``scale`` x base image (with the rho guide, or windows only); ``overrides`` go to
         ``make_layout`` (e.g. ``guide_offset_tokens``). The layout measures FLUX pixels: 16 per token."""
         side = layout_px(self.base_tokens * scale)
-        kwargs = dict(window_tokens=self.window_tokens, rho=self.rho if guide else None,
-                      text_tokens=self.text_tokens, block_tokens=self.block_tokens)
+        kwargs = {"window_tokens": self.window_tokens, "rho": self.rho if guide else None,
+                  "text_tokens": self.text_tokens, "block_tokens": self.block_tokens}
         return make_layout(side, side, **(kwargs | overrides))
 
     def build_model(self, seed: int = 0) -> FluxTransformer2DModel:
