@@ -58,9 +58,13 @@ def _add_bench_parser(commands) -> None:
                       help="square sizes in pixels (default: 1024 2048 4096 8192)")
     step.add_argument("--backends", nargs="+", default=["flex", "triton", "triton-int8"],
                       help="hierarchical attention backends to measure")
-    step.add_argument("--no-compile", action="store_true", help="eager only")
-    step.add_argument("--no-fp8", action="store_true", help="bf16 only")
+    step.add_argument("--compile", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                      help="execution modes to measure (default: both)")
+    step.add_argument("--precisions", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"],
+                      help="linear-layer precisions to measure (default: both; fp8 needs torchao and sm89+)")
     step.add_argument("--no-dense", action="store_true", help="hierarchical only")
+    step.add_argument("--dense-compile-max-px", type=_positive_int, default=8192,
+                      help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
     step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
     step.set_defaults(run=run_bench_step)
     image = which.add_parser("image", help="one whole 4096x4096 image, timed per stage")
@@ -78,10 +82,14 @@ def run_bench_step(args: argparse.Namespace) -> int:
     from ultragen.bench.record import result_path, write_result
     from ultragen.bench.step import run_step_bench, speedups
 
-    rows = run_step_bench(args.sizes, args.backends, (False,) if args.no_compile else (False, True),
-                          fp8=not args.no_fp8, dense=not args.no_dense)
-    path = write_result(args.out or result_path("step"), {"rows": [asdict(r) for r in rows],
-                                                          "speedups": speedups(rows)})
+    path = args.out or result_path("step")
+
+    def save(rows) -> None:  # after every row: a run cut short still leaves its measurements
+        write_result(path, {"rows": [asdict(r) for r in rows], "speedups": speedups(rows)})
+
+    run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
+                   precisions=args.precisions, dense=not args.no_dense,
+                   dense_compile_max_px=args.dense_compile_max_px, on_row=save)
     print(f"wrote {path}")
     return 0
 

@@ -10,13 +10,14 @@ the bf16 one (relative L2 error). Times are CUDA-event medians after a warm-up c
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ultragen.bench.models import random_flux, random_inputs
+from ultragen.bench.models import FLUX1_DEV, random_flux, random_inputs
 from ultragen.flux import HierFluxTransformer
 from ultragen.flux.fp8 import fp8_unavailable, quantize_blocks_fp8
 from ultragen.layout import make_layout
@@ -38,28 +39,46 @@ class StepRow:
     rel_err_vs_bf16: float | None = None
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_s(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+    """Median wall time of ``fn`` (device synchronised; steps take 0.1-100 s) after one warm-up call; with
+    ``repeats=0`` the first call itself is timed (for eager steps of a minute and more)."""
+    if repeats == 0:
+        _sync()
+        start = time.perf_counter()
+        out = fn()
+        _sync()
+        return time.perf_counter() - start, out
     out = fn()  # warm-up: compiles, builds cuDNN plans, fills the guide cache
     times = []
     for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        _sync()
+        start = time.perf_counter()
         out = fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
+        _sync()
+        times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
 
-def _dense_call(model, size_px: int) -> Callable[[], torch.Tensor]:
-    layout = make_layout(size_px, size_px, rho=None)
-    rows, cols = layout.hires_grid
-    inputs = random_inputs(model, rows * cols, 0)
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+def _dense_call(model, size_px: int, text_tokens: int, block_tokens: int,
+                window_tokens: int) -> Callable[[], torch.Tensor]:
+    layout = make_layout(size_px, size_px, rho=None, text_tokens=text_tokens, block_tokens=block_tokens,
+                         window_tokens=window_tokens)
+    inputs = random_inputs(model, layout.hires_tokens, 0, text_tokens)
+    kernel = [SDPBackend.CUDNN_ATTENTION] if model.device.type == "cuda" else [SDPBackend.MATH]
     raster_ids = layout.hires_to_raster(layout.hires_ids()[None])[0].to(model.device)
     text_ids = layout.text_ids().to(model.device)
 
     def call():
-        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        with torch.no_grad(), sdpa_kernel(kernel):
             return model(hidden_states=inputs["hires"], encoder_hidden_states=inputs["encoder_hidden_states"],
                          pooled_projections=inputs["pooled_projections"], timestep=inputs["timestep"],
                          img_ids=raster_ids, txt_ids=text_ids, guidance=inputs["guidance"]).sample
@@ -67,10 +86,12 @@ def _dense_call(model, size_px: int) -> Callable[[], torch.Tensor]:
     return call
 
 
-def _hier_call(hier: HierFluxTransformer, size_px: int) -> Callable[[], torch.Tensor]:
-    layout = make_layout(size_px, size_px)
+def _hier_call(hier: HierFluxTransformer, size_px: int, text_tokens: int, block_tokens: int,
+               window_tokens: int) -> Callable[[], torch.Tensor]:
+    layout = make_layout(size_px, size_px, text_tokens=text_tokens, block_tokens=block_tokens,
+                         window_tokens=window_tokens)
     plan = build_plan(layout)
-    inputs = random_inputs(hier.transformer, layout.hires_tokens, layout.guide_tokens)
+    inputs = random_inputs(hier.transformer, layout.hires_tokens, layout.guide_tokens, text_tokens)
 
     def call():
         with torch.no_grad():
@@ -80,30 +101,37 @@ def _hier_call(hier: HierFluxTransformer, size_px: int) -> Callable[[], torch.Te
 
 
 def _measure(label: dict, fn: Callable[[], torch.Tensor], repeats: int, log) -> tuple[StepRow | None, torch.Tensor | None]:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
         seconds, out = median_s(fn, repeats)
     except Exception as error:  # noqa: BLE001 - one failing configuration must not lose the others
         log(f"{label}: failed: {type(error).__name__}: {str(error)[:300]}")
         return None, None
-    row = StepRow(**label, s_per_step=seconds, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    row = StepRow(**label, s_per_step=seconds, peak_gb=_peak_gb())
     log(f"{row.size:>10} {row.mode:<5} {row.backend:<12} compile={row.compile!s:<5} fp8={row.fp8!s:<5} "
         f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB")
     return row, out
 
 
 def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] = HIER_BACKENDS,
-                   compile_modes: Sequence[bool] = (False, True), fp8: bool = True, dense: bool = True,
-                   dense_compile_max_px: int = 8192, repeats: int = 2, log=print) -> list[StepRow]:
-    """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again."""
-    model = random_flux()
+                   compile_modes: Sequence[bool] = (False, True), precisions: Sequence[str] = ("bf16", "fp8"),
+                   dense: bool = True,
+                   dense_compile_max_px: int = 8192, repeats: int = 2, log=print, config: dict = FLUX1_DEV,
+                   device: str = "cuda", text_tokens: int = 512, block_tokens: int = 128,
+                   window_tokens: int = 16, on_row: Callable[[list[StepRow]], None] | None = None) -> list[StepRow]:
+    """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again.
+    ``on_row(rows)`` is called after every measurement (to save partial results of a long run).
+    (``config``, ``device`` and the geometry arguments exist for a CPU smoke run with a tiny model.)"""
+    model = random_flux(config, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     rows: list[StepRow] = []
     reference: dict[str, torch.Tensor] = {}
-    precisions = [False, True] if fp8 and not fp8_unavailable() else [False]
-    if fp8 and fp8_unavailable():
+    use = [p == "fp8" for p in precisions]
+    if True in use and fp8_unavailable():
         log(f"FP8 skipped: {fp8_unavailable()}")
-    for use_fp8 in precisions:
+        use = [u for u in use if not u]
+    for use_fp8 in use:
         if use_fp8:
             log(f"FP8: converted {quantize_blocks_fp8(model)} linear layers")
         for compiled in compile_modes:
@@ -118,7 +146,7 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                 name = f"{size}x{size}"
                 for backend, hier in hiers.items():
                     label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8)
-                    row, out = _measure(label, _hier_call(hier, size), repeats, log)
+                    row, out = _measure(label, _hier_call(hier, size, text_tokens, block_tokens, window_tokens), repeats, log)
                     if row is None:
                         continue
                     key = f"{name}/{backend}/{compiled}"
@@ -129,11 +157,18 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                         row = StepRow(**{**asdict(row), "rel_err_vs_bf16": float((out.float().cpu() - ref).norm() / ref.norm())})
                     rows.append(row)
                     hier.clear_guide_cache()
+                    if on_row:
+                        on_row(rows)
                 if dense and (not compiled or size <= dense_compile_max_px):
                     label = dict(size=name, mode="dense", backend="cudnn", compile=compiled, fp8=use_fp8)
-                    row, _ = _measure(label, _dense_call(model, size), 1 if size >= 8192 else repeats, log)
+                    once = size >= 8192  # about 90 s a step: eager runs are timed cold, compiled ones once
+                    dense_repeats = (1 if compiled else 0) if once else repeats
+                    row, _ = _measure(label, _dense_call(model, size, text_tokens, block_tokens, window_tokens),
+                                      dense_repeats, log)
                     if row is not None:
                         rows.append(row)
+                        if on_row:
+                            on_row(rows)
             torch._dynamo.reset()
             if compiled and dense:  # undo the in-place block compilation before the next precision
                 for block in [*model.transformer_blocks, *model.single_transformer_blocks]:

@@ -150,4 +150,4 @@ def single_block(
     guide = None
     if s.guide is not None:
         guide = stream(s.guide, n_g, out[:, main.shape[1] :], gate_g, adapted=True)
-    return Streams(main[:, :t], main[:, t:], guide)
+    return Streams(main[:, :t].contiguous(), main[:, t:], guide)  # one text layout for every block: no recompiles

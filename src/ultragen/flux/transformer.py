@@ -132,6 +132,9 @@ class HierFluxTransformer(nn.Module):
         all blocks of a kind, with ``dynamic=False``: one compile per resolution). Attention stays one opaque
         custom-op call inside the graph. The guide's once-per-image pass is not compiled."""
         options = {"dynamic": False, **compile_kwargs}
+        # one graph per (resolution, backend, input strides): more than dynamo's default limit of 8 in one process,
+        # and hitting the limit silently falls back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
 
     # --- internals ---------------------------------------------------------------------------------------------
