@@ -219,6 +219,7 @@ class UltraGenPipeline:
             raise ValueError(f"prompt={prompt!r} is empty; pass a description of the image")
         generator = generator or torch.Generator("cpu").manual_seed(config.seed)
         self.prepare_weights(config)
+        hier = self._hierarchical(config)  # before stage A: with compile_blocks it compiles stage A's blocks too
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
         with clock("encode"):
@@ -226,7 +227,6 @@ class UltraGenPipeline:
         with clock("guide"):
             guide = self._stage_a(text, config, generator, progress)
         x = guide
-        hier = self._hierarchical(config)
         for level, layout in enumerate(config.layouts()):
             with clock(f"hires{level}" if config.cascade_levels > 1 else "hires"):
                 x = self._stage_b(hier, x, layout, text, config, generator, progress)
@@ -245,6 +245,9 @@ class UltraGenPipeline:
                                        cache_guide=True)
             if config.compile_blocks:
                 hier.compile_blocks()
+                # stage A runs the stock blocks through diffusers: compile them too (regional, in place; the
+                # hierarchical pass calls the blocks' modules, not their compiled forward)
+                self.flux.transformer.compile_repeated_blocks(dynamic=False)
             self._hier = (key, hier)
         return self._hier[1]
 
