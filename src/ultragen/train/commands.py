@@ -8,16 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ultragen.cli import whole_number
 from ultragen.flux.lora import LoraTargets
 from ultragen.policy import PRESETS
 from ultragen.train.config import LrSchedule, Optimizer, PrepareConfig, TrainConfig
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 def add_train_parser(commands) -> None:
@@ -28,32 +22,32 @@ def add_train_parser(commands) -> None:
     train.add_argument("--model", help="Hugging Face id, local diffusers folder, or tiny-random (as in prepare)")
     train.add_argument("--cache", help="folder written by ultragen train prepare")
     train.add_argument("--out", help="run folder: checkpoints, loss.jsonl, guide_lora.safetensors")
-    train.add_argument("--steps", type=_int, default=1000, help="optimizer steps (default 1000; paper 20000)")
+    train.add_argument("--steps", type=whole_number, default=1000, help="optimizer steps (default 1000; paper 20000)")
     train.add_argument("--lr", type=float, help="learning rate (default 1e-4 AdamW, 1.0 Prodigy)")
     train.add_argument("--lr-schedule", choices=[s.value for s in LrSchedule], default="constant")
-    train.add_argument("--warmup-steps", type=_int, default=0, help="linear warmup steps (default 0)")
+    train.add_argument("--warmup-steps", type=whole_number, default=0, help="linear warmup steps (default 0)")
     train.add_argument("--weight-decay", type=float, default=0.01)
-    train.add_argument("--rank", type=_int, default=16, help="LoRA rank (default 16)")
+    train.add_argument("--rank", type=whole_number, default=16, help="LoRA rank (default 16)")
     train.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     train.add_argument("--targets", choices=[t.value for t in LoraTargets], default="qkv",
                        help="qkv: attention q/k/v (paper); wide: + output, feed-forward, embedder")
     train.add_argument("--optimizer", choices=[o.value for o in Optimizer], default="adamw")
-    train.add_argument("--batch-size", type=_int, default=1, help="images per process per micro-step (default 1)")
-    train.add_argument("--grad-accum", type=_int, default=1, help="micro-steps per optimizer step (authors: 8)")
+    train.add_argument("--batch-size", type=whole_number, default=1, help="images per process per micro-step (default 1)")
+    train.add_argument("--grad-accum", type=whole_number, default=1, help="micro-steps per optimizer step (authors: 8)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; authors 0.1)")
     train.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (default 0.1)")
     train.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
     train.add_argument("--ntk-factor", type=float, default=1.0, help="RoPE NTK factor (default 1)")
-    train.add_argument("--window", type=_int, help="window side in tokens (default: the cache's)")
-    train.add_argument("--block-tokens", type=_int, help="attention block size (default: the cache's)")
-    train.add_argument("--size", type=_int, help="check: the cache's training size in pixels")
-    train.add_argument("--rho", type=_int, help="check: the cache's guide downscale")
-    train.add_argument("--val-items", type=_int, help="cached items held out for the validation loss")
-    train.add_argument("--save-every", type=_int, default=500, help="checkpoint every N steps (default 500)")
-    train.add_argument("--validate-every", type=_int, default=250, help="validation every N steps (default 250)")
+    train.add_argument("--window", type=whole_number, help="window side in tokens (default: the cache's)")
+    train.add_argument("--block-tokens", type=whole_number, help="attention block size (default: the cache's)")
+    train.add_argument("--size", type=whole_number, help="check: the cache's training size in pixels")
+    train.add_argument("--rho", type=whole_number, help="check: the cache's guide downscale")
+    train.add_argument("--val-items", type=whole_number, help="cached items held out for the validation loss")
+    train.add_argument("--save-every", type=whole_number, default=500, help="checkpoint every N steps (default 500)")
+    train.add_argument("--validate-every", type=whole_number, default=250, help="validation every N steps (default 250)")
     train.add_argument("--validate-prompts", help="text file of prompts to sample at each validation")
-    train.add_argument("--seed", type=_int, default=0)
+    train.add_argument("--seed", type=whole_number, default=0)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
@@ -63,17 +57,17 @@ def add_train_parser(commands) -> None:
     prep.add_argument("--images", help="folder of images (recursive) with NAME.txt captions")
     prep.add_argument("--captions", help="JSONL captions instead of sidecars: {\"file\": ..., \"caption\": ...}")
     prep.add_argument("--out", required=True, help="new (or empty) folder for the cache")
-    prep.add_argument("--size", type=_int, default=1024, help="square training size in pixels (default 1024)")
-    prep.add_argument("--rho", type=_int, default=4, help="guide downscale per side (default 4)")
-    prep.add_argument("--window", type=_int, default=16, help="window side in tokens (default 16)")
-    prep.add_argument("--block-tokens", type=_int, default=128, help="attention block size (default 128)")
-    prep.add_argument("--text-tokens", type=_int, help="prompt tokens (default 512 dev, 256 schnell)")
-    prep.add_argument("--batch-size", type=_int, default=4, help="images per encoder batch (default 4)")
-    prep.add_argument("--generate", type=_int, default=0, metavar="N",
+    prep.add_argument("--size", type=whole_number, default=1024, help="square training size in pixels (default 1024)")
+    prep.add_argument("--rho", type=whole_number, default=4, help="guide downscale per side (default 4)")
+    prep.add_argument("--window", type=whole_number, default=16, help="window side in tokens (default 16)")
+    prep.add_argument("--block-tokens", type=whole_number, default=128, help="attention block size (default 128)")
+    prep.add_argument("--text-tokens", type=whole_number, help="prompt tokens (default 512 dev, 256 schnell)")
+    prep.add_argument("--batch-size", type=whole_number, default=4, help="images per encoder batch (default 4)")
+    prep.add_argument("--generate", type=whole_number, default=0, metavar="N",
                       help="first generate N training images with the base model (needs --prompts)")
     prep.add_argument("--prompts", help="text file, one prompt a line, for --generate")
-    prep.add_argument("--generate-steps", type=_int, help="sampling steps of --generate (default 28 dev, 4 schnell)")
-    prep.add_argument("--seed", type=_int, default=0, help="seed of the first generated image (default 0)")
+    prep.add_argument("--generate-steps", type=whole_number, help="sampling steps of --generate (default 28 dev, 4 schnell)")
+    prep.add_argument("--seed", type=whole_number, default=0, help="seed of the first generated image (default 0)")
     prep.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(run=run_prepare)
