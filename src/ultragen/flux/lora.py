@@ -9,8 +9,6 @@ LoRA was trained under in the metadata; loading one that disagrees with the run 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -20,6 +18,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ultragen.atomic import atomic_path
 
 ADAPTER_NAME = "guide"
 KEY_PREFIX = "transformer."
@@ -99,18 +99,9 @@ def guide_lora_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_guide_lora(transformer: torch.nn.Module, path: str | Path, metadata: LoraMetadata) -> Path:
     """Write the guide LoRA atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.cpu() for k, v in guide_lora_state(transformer).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: metadata.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: metadata.to_json()})
     return path
 
 

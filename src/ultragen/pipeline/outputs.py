@@ -8,17 +8,17 @@ output file behind; existing files are not overwritten unless ``force``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from ultragen.atomic import atomic_path
 
 MAX_SLUG_CHARS = 48
 
@@ -97,28 +97,6 @@ def check_writable(folder: Path) -> None:
     except OSError as error:
         raise ValueError(f"cannot write to {str(folder)!r} ({error.strerror or error}); choose another --out "
                          f"or fix the folder's permissions") from None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, on error delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def png_text(record: dict) -> dict[str, str]:

@@ -17,14 +17,14 @@ Every write is atomic (temporary file, fsync, rename).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ultragen.atomic import atomic_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,32 +71,10 @@ class CacheManifest:
                 "text": (self.text_tokens, self.joint_dim), "pooled": (self.pooled_dim,)}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, write) -> Path:
     """``write(tmp_path)`` then fsync and rename onto ``path``: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ultragen.atomic import fsync_path
 from ultragen.flux.lora import LoraMetadata, save_guide_lora
 
 CHECKPOINTS = "checkpoints"
@@ -64,16 +65,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # directories cannot be fsynced on some platforms
-    finally:
-        os.close(fd)
 
 
 def _numpy_state() -> list | None:
@@ -125,13 +116,13 @@ def save_checkpoint(run_dir: Path, step: int, transformer, metadata: LoraMetadat
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_states}) + "\n")
         index = {"step": step, "files": {}}
         for name in _FILES:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             index["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _fsync(tmp / INDEX)
-        _fsync(tmp)
+        fsync_path(tmp / INDEX)
+        fsync_path(tmp)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
