@@ -144,6 +144,10 @@ def test_seam_ratio_is_one_without_seams_and_grows_with_a_grid():
     per_window = 0.03 * torch.randn(2, 3, 8, 8, generator=g)  # each 16-px window slightly off
     gridded = smooth + per_window.repeat_interleave(16, -1).repeat_interleave(16, -2)
     assert seam_ratio(gridded, 16) > 1.5, seam_ratio(gridded, 16)
+    per_token = 0.03 * torch.randn(2, 3, 32, 32, generator=g)  # blocky 4-px tokens, no window seams
+    blocky = smooth + per_token.repeat_interleave(4, -1).repeat_interleave(4, -2)
+    assert abs(seam_ratio(blocky, 16, token_px=4) - 1) < 0.15, seam_ratio(blocky, 16, token_px=4)
+    assert seam_ratio(gridded + blocky - smooth, 16, token_px=4) > 1.3
     clean = torch.stack([to_tensor(render(sample_scene(s), 128)) for s in SEEDS])
     assert 0.7 < seam_ratio(clean, 16) < 1.3
 

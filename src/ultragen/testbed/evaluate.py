@@ -124,13 +124,13 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
             images: dict[str, torch.Tensor], jobs, seconds: float) -> dict:
-    window_px = config.window_px
+    window_px, token_px = config.window_px, config.token_px
     base = images["base"]
     rows = []
     for strategy, warm in jobs:
         out = images[_row_name(strategy, warm)]
         rows.append({"strategy": strategy.value, "warm_start": warm, **_scores(scenes, out),
-                     "seam_ratio": seam_ratio(out, window_px), "guide_psnr": guide_psnr(out, base)})
+                     "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base)})
     clean = torch.stack([to_tensor(render(s, config.base_px * settings.scale, supersample=1))
                          for s in scenes[: min(8, len(scenes))]])
     missing = [] if any(s is Strategy.GUIDE_LORA for s, _ in jobs) else (
@@ -139,8 +139,8 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
     return {
         "base": _scores(scenes, base),
         "rows": rows,
-        "reference": {"clean_render_seam_ratio": seam_ratio(clean, window_px),
-                      "base_seam_ratio": seam_ratio(base, window_px)},
+        "reference": {"clean_render_seam_ratio": seam_ratio(clean, window_px, token_px),
+                      "base_seam_ratio": seam_ratio(base, window_px, token_px)},
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies]},

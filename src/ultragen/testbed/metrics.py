@@ -11,8 +11,8 @@ Scores against the ground-truth :class:`~ultragen.testbed.scenes.Scene` (micro-a
 - ``color_acc``: fraction of scene objects matched by a detection of the same colour and shape (attribute binding);
 - ``position_acc``: fraction of scene objects matched by a detection of the same colour, shape and grid cell.
 
-``seam_ratio``: mean squared pixel difference across window borders over that between all other adjacent
-pixels (1: no seams). ``guide_psnr``: PSNR of the output box-downsampled to the guide's size against the guide.
+``seam_ratio``: mean squared pixel difference across window borders over that across the other token borders
+(1: no seams). ``guide_psnr``: PSNR of the output box-downsampled to the guide's size against the guide.
 """
 
 from __future__ import annotations
@@ -140,23 +140,27 @@ def _matched(truth: Counter, found: Counter) -> int:
     return sum(min(n, found[key]) for key, n in truth.items())
 
 
-def seam_ratio(images: torch.Tensor, window_px: int) -> float:
+def seam_ratio(images: torch.Tensor, window_px: int, token_px: int = 1) -> float:
     """Seam strength of (B, C, H, W) images generated with ``window_px``-pixel windows (pooled over the batch).
 
     Squared differences of horizontally and vertically adjacent pixels (summed over channels): mean over the pairs
-    that straddle a window border divided by the mean over all other pairs. ~1 without seams."""
-    if window_px < 2 or images.shape[-1] <= window_px and images.shape[-2] <= window_px:
-        raise ValueError(f"window_px={window_px} must be >= 2 and smaller than the image {tuple(images.shape[-2:])}")
+    that straddle a window border divided by the mean over the pairs that straddle a token border but no window
+    border (every other pair when ``token_px`` is 1). Comparing with token borders keeps the blockiness of a
+    model's patches (present at every token border) from counting as a window seam. ~1 without seams."""
+    if window_px < 2 or window_px % token_px or (images.shape[-1] <= window_px and images.shape[-2] <= window_px):
+        raise ValueError(f"window_px={window_px} must be >= 2, a multiple of token_px={token_px} and smaller than "
+                         f"the image {tuple(images.shape[-2:])}")
     x = images.double()
     border_sum, border_n, inner_sum, inner_n = 0.0, 0, 0.0, 0
     for diff, dim in ((x[..., :, 1:] - x[..., :, :-1], -1), (x[..., 1:, :] - x[..., :-1, :], -2)):
-        energy = (diff**2).sum(dim=1)  # (B, h, w)
-        on_border = (torch.arange(1, energy.shape[dim] + 1) % window_px) == 0
-        energy = energy.movedim(dim, -1)
+        energy = (diff**2).sum(dim=1).movedim(dim, -1)  # (B, other axis, pairs along this axis)
+        after = torch.arange(1, energy.shape[-1] + 1)  # index of the pixel after each pair
+        on_border = after % window_px == 0
+        reference = (after % token_px == 0) & ~on_border
         border_sum += float(energy[..., on_border].sum())
         border_n += energy[..., on_border].numel()
-        inner_sum += float(energy[..., ~on_border].sum())
-        inner_n += energy[..., ~on_border].numel()
+        inner_sum += float(energy[..., reference].sum())
+        inner_n += energy[..., reference].numel()
     inner = inner_sum / inner_n
     return math.inf if inner == 0 else (border_sum / border_n) / inner
 
