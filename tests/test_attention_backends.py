@@ -222,3 +222,13 @@ def test_auto_on_cuda_is_an_exact_fast_backend():
     q = torch.randn(1, 2, plan.layout.seq_tokens, 128, device="cuda", dtype=torch.bfloat16)
     assert pick_backend(q, q, q, plan) in (Backend.TRITON, Backend.FLEX)
     assert pick_backend(q.float(), q.float(), q.float(), plan) is Backend.REFERENCE
+
+
+def test_triton_refuses_sequences_whose_offsets_overflow_int32():
+    from ultragen.attention.triton_bsa import why_not_triton
+
+    plan = build_plan(make_layout(16384, 16384), "default")
+    q = torch.empty(1, 24, 16, 128, dtype=torch.bfloat16, device="meta")
+    reason = why_not_triton(q, plan)
+    assert reason is not None and "int32" in reason
+    assert why_not_triton(q, build_plan(make_layout(8192, 8192), "default")) != reason

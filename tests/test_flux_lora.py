@@ -109,3 +109,46 @@ def test_guide_cache_follows_lora_weight_changes():
     fresh = HierFluxTransformer(model, backend="reference", cache_guide=False)
     torch.testing.assert_close(hier_forward(cached, plan, inputs), hier_forward(fresh, plan, inputs),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_lora_leaks_nothing_into_text_or_hires_even_with_a_guide_present():
+    """With a guide present but a policy in which nothing reads it, a random LoRA changes the output by exactly 0."""
+    from ultragen.policy import get_policy
+
+    for targets in LoraTargets:
+        plain, adapted = tiny_flux(layers=2, single_layers=2), tiny_flux(layers=2, single_layers=2)
+        add_guide_lora(adapted, rank=4, alpha=4, targets=targets)
+        randomise_lora(adapted)
+        layout = tiny_layout(8, 16)
+        plan = build_plan(layout, get_policy("default", hires_to_guide="none", text_to_guide="none"))
+        inputs = tiny_inputs(layout)
+        a = hier_forward(HierFluxTransformer(plain, backend="reference", cache_guide=False), plan, inputs)
+        b = hier_forward(HierFluxTransformer(adapted, backend="reference", cache_guide=False), plan, inputs)
+        assert torch.equal(a, b), targets
+
+
+def test_guide_cache_follows_adapter_scale_and_ntk_changes():
+    model = tiny_flux()
+    add_guide_lora(model, rank=4)
+    randomise_lora(model)
+    layout = tiny_layout(8, 16)
+    plan, inputs = build_plan(layout), tiny_inputs(layout)
+    cached = HierFluxTransformer(model, backend="reference")
+    hier_forward(cached, plan, inputs)
+    model.set_adapters(["guide"], weights=[0.0])
+    fresh = HierFluxTransformer(model, backend="reference", cache_guide=False)
+    torch.testing.assert_close(hier_forward(cached, plan, inputs), hier_forward(fresh, plan, inputs),
+                               rtol=1e-5, atol=1e-6)
+    cached.ntk_factor = fresh.ntk_factor = 10.0
+    torch.testing.assert_close(hier_forward(cached, plan, inputs), hier_forward(fresh, plan, inputs),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_other_adapters_are_refused_with_the_fix():
+    from peft import LoraConfig
+
+    model = tiny_flux()
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]), adapter_name="style")
+    layout = tiny_layout(8, 16)
+    with pytest.raises(ValueError, match="fuse_lora"):
+        hier_forward(HierFluxTransformer(model, backend="reference"), build_plan(layout), tiny_inputs(layout))

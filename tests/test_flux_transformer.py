@@ -187,3 +187,15 @@ def test_compiled_blocks_match_eager_and_do_not_recompile(monkeypatch):
     torch.testing.assert_close(hier_forward(compiled, plan, later),
                                hier_forward(HierFluxTransformer(model, backend="reference"), plan, later),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_on_a_model_without_guidance_embedding_is_refused():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    schnell_like = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                          pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    layout = tiny_layout(8, 16)
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        hier_forward(HierFluxTransformer(schnell_like, backend="reference"), build_plan(layout), tiny_inputs(layout))

@@ -212,3 +212,17 @@ def test_replace_revalidates():
     config = GenerationConfig(512, 512)
     with pytest.raises(ValueError, match="multiple of 16"):
         replace(config, width_px=500)
+
+
+def test_lora_expectation_records_a_local_model_folder_as_training_does(tmp_path, monkeypatch):
+    """A LoRA trained on ./flux-dev must be accepted by a run given the same folder by another path."""
+    from ultragen.pipeline.loading import normalise_model
+
+    folder = tmp_path / "flux-dev"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = GenerationConfig(height_px=1024, width_px=1024)
+    trained = normalise_model("./flux-dev")
+    assert config.lora_expectation(str(folder)).base_model == trained
+    assert config.lora_expectation("flux-dev/").base_model == trained
+    assert config.lora_expectation("black-forest-labs/FLUX.1-dev").base_model == "black-forest-labs/FLUX.1-dev"

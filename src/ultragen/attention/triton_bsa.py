@@ -66,6 +66,10 @@ def why_not_triton(q: torch.Tensor, plan: AttentionPlan) -> str | None:
         return f"head dim {q.shape[-1]} unsupported; the kernels take {HEAD_DIMS}"
     if plan.block_tokens not in BLOCKS:
         return f"plan block of {plan.block_tokens} tokens unsupported; build the layout with block_tokens in {BLOCKS}"
+    heads, dim = q.shape[1], q.shape[-1]
+    if plan.layout.seq_tokens * heads * dim >= 2**31:
+        return (f"{plan.layout.seq_tokens} tokens x {heads} heads x {dim}: token offsets would overflow the kernel's "
+                f"int32 arithmetic (an image above about 13K px a side); use backend 'flex' or a cascade")
     if q.device.type != "cuda":
         return f"needs a CUDA device, got {q.device.type!r}"
     if reason := triton_missing():

@@ -14,6 +14,7 @@ from ultragen.attention import Backend, attend, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
 from ultragen.flux.blocks import GuideKV, Rope, Streams, Temb, double_block, linear, single_block
+from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.flux.rope import flux_rope
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
@@ -24,7 +25,7 @@ class _GuideCache:
     """Per-layer guide keys/values and what they were computed from."""
 
     plan: AttentionPlan
-    inputs: tuple  # guide, pooled, guidance tensors (copies) and the adapter fingerprint
+    inputs: tuple  # guide, pooled, guidance tensors (copies), the NTK factor and the adapter fingerprint
     kv: list[GuideKV]
 
 
@@ -64,7 +65,7 @@ class HierFluxTransformer(nn.Module):
         self.cache_guide = cache_guide
         self.gradient_checkpointing = False
         self._compiled: dict | None = None
-        self._rope: tuple[AttentionPlan, torch.device, Rope] | None = None
+        self._rope: tuple[AttentionPlan, torch.device, float, Rope] | None = None
         self._guide_cache: _GuideCache | None = None
 
     # --- public ------------------------------------------------------------------------------------------------
@@ -121,8 +122,10 @@ class HierFluxTransformer(nn.Module):
         return linear(tr.proj_out, out, adapted=False)
 
     def clear_guide_cache(self) -> None:
-        """Forget the cached guide keys/values (call after each image to free their memory)."""
+        """Forget the cached guide keys/values and the rotary tables (call after each image to free their memory).
+        Also needed after editing base weights in place (e.g. fusing another LoRA into them)."""
         self._guide_cache = None
+        self._rope = None
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -155,32 +158,53 @@ class HierFluxTransformer(nn.Module):
         needs_guidance = self.transformer.config.guidance_embeds
         if needs_guidance and guidance is None:
             raise ValueError("this model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. torch.full((B,), 3.5)")
+        if not needs_guidance and guidance is not None:
+            raise ValueError("this model has no guidance embedding (FLUX.1-schnell): pass guidance=None")
+        foreign = sorted(self._adapter_names() - {ADAPTER_NAME})
+        if foreign:
+            raise ValueError(
+                f"adapters {foreign} are loaded on the transformer; the hierarchical forward runs text and hires "
+                f"tokens through the base weights only, so they would silently act on the guide alone. Fuse them "
+                f"into the base weights first (diffusers: pipe.fuse_lora(); pipe.unload_lora_weights())"
+            )
 
     def _embed_time(self, t, g, pooled) -> torch.Tensor:
         embed = self.transformer.time_text_embed
         return embed(t, pooled) if g is None else embed(t, g, pooled)
 
     def _rope_for(self, plan: AttentionPlan, device: torch.device) -> Rope:
-        if self._rope is None or self._rope[0] is not plan or self._rope[1] != device:
+        key = (plan, device, self.ntk_factor)
+        if self._rope is None or self._rope[0] is not plan or self._rope[1:3] != key[1:]:
             layout = plan.layout
             ids = torch.cat([layout.text_ids(), layout.image_ids()]).to(device)
             cfg = self.transformer.config
-            self._rope = (plan, device, flux_rope(ids, tuple(cfg.axes_dims_rope), ntk_factor=self.ntk_factor))
-        return self._rope[2]
+            rope = flux_rope(ids, tuple(cfg.axes_dims_rope), ntk_factor=self.ntk_factor)
+            self._rope = (*key, rope)
+        return self._rope[3]
+
+    def _adapter_names(self) -> set[str]:
+        names: set[str] = set()
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                names.update(module.lora_A.keys() if hasattr(module, "lora_A") else module.active_adapters)
+        return names
 
     def _use_cache(self, plan: AttentionPlan) -> bool:
         return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
 
     def _adapter_fingerprint(self) -> tuple:
+        """What the guide's keys/values depend on besides the inputs: adapter state (active set, on/off, scales,
+        weights) and the base weights under the adapters, by tensor identity and in-place version."""
         marks = []
         for module in self.transformer.modules():
             if isinstance(module, BaseTunerLayer):
-                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters))
-                marks.extend((p.data_ptr(), p._version) for n, p in module.named_parameters() if "lora_" in n)
+                scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
+                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters, scaling))
+                marks.extend((p.data_ptr(), p._version) for p in module.parameters())
         return tuple(marks)
 
     def _cached_guide_kv(self, guide, pooled, g, temb_guide, plan: AttentionPlan, rope: Rope) -> list[GuideKV]:
-        inputs = (guide, pooled, g, self._adapter_fingerprint())
+        inputs = (guide, pooled, g, self.ntk_factor, self._adapter_fingerprint())
         cache = self._guide_cache
         if cache is None or cache.plan is not plan or not _same_inputs(cache.inputs, inputs):
             copies = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)

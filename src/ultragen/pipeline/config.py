@@ -117,9 +117,10 @@ class GenerationConfig:
     def lora_expectation(self, model: str | None = None):
         """The ``LoraMetadata`` a guide LoRA must have been trained under to be used by this run."""
         from ultragen.flux.lora import LoraMetadata
+        from ultragen.pipeline.loading import normalise_model
         from ultragen.policy import get_policy
 
-        return LoraMetadata(base_model=model or self.model, policy=get_policy(self.policy).to_dict(), rho=self.rho,
+        return LoraMetadata(base_model=normalise_model(model or self.model), policy=get_policy(self.policy).to_dict(), rho=self.rho,
                             guide_offset_tokens=self.layouts()[-1].guide_offset_tokens, ntk_factor=self.ntk_factor,
                             window_tokens=self.window_tokens)
 

@@ -43,6 +43,13 @@ def missing_weights_message(model: str, reason: str) -> str:
     )
 
 
+def normalise_model(model: str) -> str:
+    """The model as recorded in caches and LoRAs: an existing folder becomes its absolute path (so a LoRA trained
+    on ``./flux-dev`` matches a run given ``/abs/path/flux-dev``); hub ids and ``tiny-random`` stay as they are."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def _from_pretrained(cls, model: str, **kwargs):
     """``cls.from_pretrained(model, **kwargs)`` from a folder, the cache, or (online only) the hub."""
     path = Path(model).expanduser()

@@ -25,18 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ultragen.atomic import atomic_path
+from ultragen.pipeline.loading import normalise_model  # noqa: F401  (re-exported: caches record it)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EMPTY = "empty.safetensors"
 ITEMS = "items.jsonl"
 SHARD_KEYS = ("hires", "guide", "text", "pooled")
-
-
-def normalise_model(model: str) -> str:
-    """The model as recorded in caches and LoRAs: an existing folder becomes its absolute path."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from ultragen.flux import HierFluxTransformer
 from ultragen.flux.lora import LoraMetadata, save_guide_lora
 from ultragen.layout import HierLayout, make_layout
+from ultragen.pipeline.loading import normalise_model
 from ultragen.policy import build_plan, get_policy
 from ultragen.train import rundir
-from ultragen.train.cache import MANIFEST, TrainingCache, normalise_model
+from ultragen.train.cache import MANIFEST, TrainingCache
 from ultragen.train.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from ultragen.train.config import LrSchedule, Optimizer, TrainConfig
 from ultragen.train.model import add_trainable_lora, load_transformer
