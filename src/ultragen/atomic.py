@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path`` to fill. On success every file in it and the folder itself are
+    fsynced and it is renamed to ``path``; an existing ``path`` is first moved aside to ``<path>.old`` and deleted
+    once the new folder is in place (after a crash in between, ``<path>.old`` is the last complete one).
+    On error the temporary folder is deleted and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = path.with_name(path.name + ".old")
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,11 +29,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ultragen.atomic import atomic_folder
 from ultragen.testbed.model import TestbedConfig, raster_ids
 from ultragen.testbed.scenes import render, sample_scene
 
 EVAL_SEED0 = 1_000_000_000  # evaluation scenes are seeds EVAL_SEED0 + i; training never reaches them
-_CHECKPOINT, _TMP, _OLD = "checkpoint", ".checkpoint-tmp", ".checkpoint-old"
+_CHECKPOINT = "checkpoint"
+_OLD = _CHECKPOINT + ".old"  # atomic_folder moves the previous checkpoint here while swapping
 
 
 @dataclass(frozen=True)
@@ -193,21 +193,12 @@ def _check_run_config(run_dir: Path, config: TestbedConfig) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, settings: TrainSettings) -> Path:
     """Write RUN_DIR/checkpoint atomically: build it in a temporary folder, then swap it in."""
-    tmp, final, old = run_dir / _TMP, run_dir / _CHECKPOINT, run_dir / _OLD
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "settings": asdict(settings)}, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    final = run_dir / _CHECKPOINT
+    with atomic_folder(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "settings": asdict(settings)}, indent=2))
     return final
 
 

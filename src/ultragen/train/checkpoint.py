@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ultragen.atomic import fsync_path
+from ultragen.atomic import atomic_folder
 from ultragen.flux.lora import LoraMetadata, save_guide_lora
 
 CHECKPOINTS = "checkpoints"
@@ -107,8 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, transformer, metadata: LoraMetadat
     final = root / f"{_PREFIX}{step:06d}"
     if final.exists():
         raise ValueError(f"checkpoint {str(final)!r} already exists; it is never overwritten (remove it to redo it)")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    with atomic_folder(final) as tmp:
         save_guide_lora(transformer, tmp / "lora.safetensors", metadata)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng_tensors, rng_states = rng_snapshot()
@@ -116,16 +113,8 @@ def save_checkpoint(run_dir: Path, step: int, transformer, metadata: LoraMetadat
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_states}) + "\n")
         index = {"step": step, "files": {}}
         for name in _FILES:
-            fsync_path(tmp / name)
             index["files"][name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        fsync_path(tmp / INDEX)
-        fsync_path(tmp)
-        os.rename(tmp, final)
-        fsync_path(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     for old in list_checkpoints(run_dir)[:-KEEP]:
         shutil.rmtree(old)
     return final
