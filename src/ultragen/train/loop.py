@@ -49,8 +49,10 @@ def make_accelerator():
 
     # the last layer's guide queries feed nothing (guide outputs are discarded): their LoRA gets no gradient
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+    cuda = torch.cuda.is_available()
+    # cpu=True on a CPU-only machine: without it accelerate ignores torchrun's WORLD_SIZE there and every process
+    # would train (and write) alone
+    return Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda, kwargs_handlers=[ddp])
 
 
 def training_layout(config: TrainConfig, cache: TrainingCache) -> HierLayout:
