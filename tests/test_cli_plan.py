@@ -21,7 +21,8 @@ def test_plan_json_has_the_documented_keys(capsys):
 def test_plan_pads_uhd(capsys):
     assert main(["plan", "--width", "3840", "--height", "2160", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["hires_grid"] == [135, 240] and out["padded_hires_grid"] == [144, 256]
+    assert out["hires_grid"] == [135, 240] and out["padded_hires_grid"] == [144, 240]
+    assert out["guide_image_grid"] == [36, 60] and out["guide_grid"] == [36, 64]
 
 
 def test_plan_text_output(capsys):

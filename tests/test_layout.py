@@ -12,13 +12,14 @@ from ultragen.layout import PATCH_PX, InWindowOrder, Segment, hilbert_order, mak
         (1024, 1024, (64, 64), (16, 16)),
         (4096, 4096, (256, 256), (64, 64)),
         (4096, 8192, (256, 512), (64, 128)),
-        (2160, 3840, (144, 256), (36, 64)),
+        (2160, 3840, (144, 240), (36, 64)),
     ],
 )
 def test_padding_and_crop(height, width, padded, guide):
     layout = make_layout(height, width)
     assert layout.hires_grid == (height // 16, width // 16)
-    assert layout.padded_grid == padded
+    assert layout.padded_grid == padded, "the canvas is padded to whole windows only"
+    assert layout.guide_image_grid == (padded[0] // 4, padded[1] // 4)
     assert layout.guide_grid == guide
     assert layout.padded_height_px >= height and layout.padded_width_px >= width
     assert layout.crop_box_px() == (0, 0, height, width)
@@ -156,7 +157,29 @@ def test_any_multiple_of_16_px_gets_a_valid_layout(rows, cols, rho, order):
     assert layout.seq_tokens % layout.block_tokens == 0
     x = torch.arange(layout.hires_tokens)[None, :, None]
     assert torch.equal(layout.hires_to_raster(layout.hires_to_sequence(x)), x)
+    assert pr - rows < 16 and pc - cols < 16, "only whole windows are padded"
     if rho is not None:
-        assert (pr // rho, pc // rho) == layout.guide_grid
+        assert (pr // rho, pc // rho) == layout.guide_image_grid
         th, tw = layout.guide_tile
-        assert layout.guide_grid[0] % th == 0 and layout.guide_grid[1] % tw == 0
+        gr, gc = layout.guide_grid
+        assert gr % th == 0 and gc % tw == 0
+        assert 0 <= gr - pr // rho < th and 0 <= gc - pc // rho < tw
+
+
+def test_guide_padding_repeats_the_edges_of_the_guide_image():
+    layout = make_layout(2160, 3840)
+    (rows, cols), (image_rows, image_cols) = layout.guide_grid, layout.guide_image_grid
+    assert (rows, cols) != (image_rows, image_cols), "this size needs guide padding"
+    image = torch.randn(2, image_rows * image_cols, 3)
+    padded = layout.pad_guide(image).view(2, rows, cols, 3)
+    original = image.view(2, image_rows, image_cols, 3)
+    assert torch.equal(padded[:, :image_rows, :image_cols], original)
+    assert torch.equal(padded[:, :image_rows, image_cols:], original[:, :, -1:].expand(-1, -1, cols - image_cols, -1))
+    with pytest.raises(ValueError, match="guide image grid"):
+        layout.pad_guide(torch.randn(1, rows * cols, 3))
+
+
+def test_no_padding_mode_refuses_a_guide_that_does_not_tile():
+    make_layout(1024, 1024, pad=False)
+    with pytest.raises(ValueError, match="guide tiles"):
+        make_layout(1024, 1536 + 256, pad=False)

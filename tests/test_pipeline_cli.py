@@ -78,7 +78,7 @@ def test_cascade_feeds_each_output_to_the_next_pass(tmp_path):
     assert Image.open(out).size == (512, 512)
     record = json.loads((tmp_path / "c.json").read_text())
     assert record["config"]["cascade_levels"] == 2
-    assert record["guide_size_px"] == [256, 128]  # 512² -> guide 256² (canvas padded to 512x256) -> its guide
+    assert record["guide_size_px"] == [128, 128]  # 512² -> its guide 256² (rho 2) -> that one's guide 128²
     assert {"hires0", "hires1"} <= set(record["timings_s"])
 
 
@@ -110,7 +110,7 @@ def test_python_api_runs_steps_k_to_n_and_is_deterministic(monkeypatch):
     first = pipe("a red fox", 768, 512, generator=torch.Generator().manual_seed(9), **kwargs)
     assert len(calls) == 3  # steps 1..3 of a 4-step schedule
     assert first.images.shape == (1, 3, 768, 512) and first.latents.shape == (1, 4, 96, 64)
-    assert first.guide_latents.shape == (1, 4, 32, 16)  # padded canvas 1024x512 / rho 4
+    assert first.guide_latents.shape == (1, 4, 24, 16)  # 768x512 (whole windows: no padding) / rho 4, latent /8
     assert first.config.seed == 9 and first.config.steps == 4 and first.config.shift == 3.0
     second = pipe("a red fox", config=first.config, output_type="latent", progress=False, offload_text_encoders=True)
     torch.testing.assert_close(second.latents, first.latents, rtol=0, atol=0)
@@ -216,7 +216,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
                  "--height", "2160", "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"]["steps"] is None  # the model's default, resolved once it is loaded
-    assert plan["canvas_px"] == [[4096, 2304]] and plan["guide_size_px"] == [1024, 576]
+    assert plan["canvas_px"] == [[3840, 2304]] and plan["guide_size_px"] == [960, 576]
     assert plan["prompts"][0]["files"][0] == str(tmp_path / "fox.png")
     assert [p for p in tmp_path.iterdir() if p.name != "hf-home"] == []
 

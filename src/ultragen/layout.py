@@ -12,9 +12,12 @@ The sequence of one stage-B forward is ``[text | hires | guide]``:
 Every block of ``block_tokens`` consecutive sequence positions is therefore a compact rectangle of one segment,
 which is what lets the attention policy be defined, and the kernels skip work, at block level.
 
-Sizes that do not tile are padded at the bottom and right to whole windows and whole guide tiles; the image is
-generated on the padded canvas and cropped back (:meth:`HierLayout.crop_box_px`). Permutations follow the gather
-convention: ``x_seq = x_raster[:, perm]`` and ``x_raster = x_seq[:, inverse]``.
+Sizes that do not tile are padded at the bottom and right to whole windows; the image is generated on that
+padded canvas and cropped back (:meth:`HierLayout.crop_box_px`). The guide image is the canvas / ``rho``
+(``guide_image_grid``, what stage A generates); its token grid is extended to whole guide tiles (``guide_grid``)
+by repeating its edge tokens (:meth:`HierLayout.pad_guide`): those extra tokens are only ever keys, so the guide's
+composition is the canvas's, not that of a larger picture. Permutations follow the gather convention:
+``x_seq = x_raster[:, perm]`` and ``x_raster = x_seq[:, inverse]``.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class HierLayout:
     """Geometry of one hierarchical forward. Build with :func:`make_layout`; every field is derived there.
 
     Grids are (rows, cols) in tokens. ``hires_grid`` is the image as asked; ``padded_grid`` the canvas that is
-    generated (whole windows and whole guide tiles); ``guide_grid`` the guide canvas, ``padded_grid / rho``.
+    generated (whole windows); ``guide_image_grid`` the guide image, ``padded_grid / rho``; ``guide_grid`` the
+    guide's token grid in the sequence: the guide image extended to whole guide tiles by edge repetition.
     """
 
     height_px: int
@@ -133,6 +137,7 @@ class HierLayout:
     padded_grid: tuple[int, int]
     guide_grid: tuple[int, int]  # (0, 0) without a guide
     guide_tile: tuple[int, int]  # (0, 0) without a guide
+    guide_image_grid: tuple[int, int] = (0, 0)  # padded_grid / rho; (0, 0) without a guide
 
     # --- sizes --------------------------------------------------------------------------------------------
     @property
@@ -167,11 +172,12 @@ class HierLayout:
 
     @property
     def guide_height_px(self) -> int:
-        return self.guide_grid[0] * PATCH_PX
+        """Height of the guide image (stage A), canvas / rho."""
+        return self.guide_image_grid[0] * PATCH_PX
 
     @property
     def guide_width_px(self) -> int:
-        return self.guide_grid[1] * PATCH_PX
+        return self.guide_image_grid[1] * PATCH_PX
 
     @property
     def window_grid(self) -> tuple[int, int]:
@@ -222,6 +228,21 @@ class HierLayout:
 
     def guide_to_raster(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.guide_inverse.to(x.device)]
+
+    @cached_property
+    def _guide_pad_index(self) -> torch.Tensor:
+        (rows, cols), (image_rows, image_cols) = self.guide_grid, self.guide_image_grid
+        r = torch.arange(rows).clamp(max=image_rows - 1)
+        c = torch.arange(cols).clamp(max=image_cols - 1)
+        return (r[:, None] * image_cols + c[None, :]).reshape(-1)
+
+    def pad_guide(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, guide image tokens, C) raster over ``guide_image_grid`` -> (B, guide_tokens, C) raster over
+        ``guide_grid``: the tokens beyond the guide image repeat its last row and column."""
+        expected = self.guide_image_grid[0] * self.guide_image_grid[1]
+        if x.shape[1] != expected:
+            raise ValueError(f"guide of {x.shape[1]} tokens, expected the {self.guide_image_grid} guide image grid")
+        return x[:, self._guide_pad_index.to(x.device)]
 
     # --- position ids (float32; bf16 cannot hold integers above 256 exactly) ---------------------------------
     def text_ids(self) -> torch.Tensor:
@@ -282,12 +303,8 @@ class HierLayout:
         return torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=1)
 
 
-def _padded_grid(
-    grid: tuple[int, int], window: int, rho: int | None, tile: tuple[int, int]
-) -> tuple[int, int]:
-    if rho is None:
-        return tuple(_round_up(g, window) for g in grid)  # type: ignore[return-value]
-    return tuple(_round_up(g, math.lcm(window, rho * t)) for g, t in zip(grid, tile))  # type: ignore[return-value]
+def _tiled(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[int, int]:
+    return _round_up(grid[0], tile[0]), _round_up(grid[1], tile[1])
 
 
 def make_layout(
@@ -320,18 +337,19 @@ def make_layout(
             f"rho={rho!r} must be a positive integer that divides window_tokens={window_tokens}, so that one "
             f"window covers whole guide tokens; choose one of {divisors}"
         )
+    padded = _tiled(grid, (window_tokens, window_tokens))
+    image = (padded[0] // rho, padded[1] // rho) if rho is not None else (0, 0)
     if rho is None:
         tile = (0, 0)
     elif guide_tile is not None:
         if guide_tile[0] * guide_tile[1] != block_tokens or min(guide_tile) < 1:
             raise ValueError(f"guide_tile={guide_tile} must hold exactly block_tokens={block_tokens} tokens")
         tile = tuple(guide_tile)
-    else:
-        tile = min(_guide_tile_shapes(block_tokens), key=lambda t: math.prod(_padded_grid(grid, window_tokens, rho, t)))
-    padded = _padded_grid(grid, window_tokens, rho, tile)
-    if not pad and padded != grid:
-        raise ValueError(_padding_refused(height_px, width_px, grid, padded, window_tokens, rho, tile))
-    guide = (padded[0] // rho, padded[1] // rho) if rho is not None else (0, 0)
+    else:  # the compact tile shape that repeats the fewest guide tokens
+        tile = min(_guide_tile_shapes(block_tokens), key=lambda t: math.prod(_tiled(image, t)))
+    guide = _tiled(image, tile) if rho is not None else (0, 0)
+    if not pad and (padded != grid or guide != image):
+        raise ValueError(_padding_refused(height_px, width_px, grid, padded, window_tokens, rho, tile, image))
     if guide_offset_tokens is None:
         guide_offset_tokens = (rho - 1) / 2 if rho is not None else 0.0
     return HierLayout(
@@ -347,6 +365,7 @@ def make_layout(
         padded_grid=padded,
         guide_grid=guide,
         guide_tile=tile,
+        guide_image_grid=image,
     )
 
 
@@ -368,11 +387,14 @@ def _check_blocks(window: int, text: int, block: int, order: InWindowOrder) -> N
         )
 
 
-def _padding_refused(h, w, grid, padded, window, rho, tile) -> str:
-    rule = f"whole {window}-token windows"
-    if rho is not None:
-        rule += f" and whole {tile[0]}x{tile[1]} guide tiles at rho={rho}"
+def _padding_refused(h, w, grid, padded, window, rho, tile, image) -> str:
+    if padded != grid:
+        return (
+            f"{w}x{h} px ({grid[1]}x{grid[0]} tokens) does not divide into whole {window}-token windows and padding "
+            f"is off; use {padded[1] * PATCH_PX}x{padded[0] * PATCH_PX} px or allow padding"
+        )
     return (
-        f"{w}x{h} px ({grid[1]}x{grid[0]} tokens) does not divide into {rule} and padding is off; "
-        f"use {padded[1] * PATCH_PX}x{padded[0] * PATCH_PX} px or allow padding"
+        f"the {image[1]}x{image[0]}-token guide of {w}x{h} px (rho {rho}) does not divide into whole {tile[1]}x{tile[0]} "
+        f"guide tiles and padding is off; use a size whose guide tiles exactly (e.g. sides that are multiples of "
+        f"{rho * tile[1] * PATCH_PX} x {rho * tile[0] * PATCH_PX} px) or allow padding"
     )

@@ -22,6 +22,7 @@ def plan_summary(plan: AttentionPlan, heads: int = FLUX_HEADS, head_dim: int = F
         "padded_hires_grid": list(layout.padded_grid),
         "padded_size_px": [layout.padded_width_px, layout.padded_height_px],
         "guide_grid": list(layout.guide_grid),
+        "guide_image_grid": list(layout.guide_image_grid),
         "guide_size_px": [layout.guide_width_px, layout.guide_height_px],
         "guide_tile": list(layout.guide_tile),
         "window_tokens": layout.window_tokens,
@@ -53,8 +54,9 @@ def format_summary(s: dict) -> str:
         f"image            {s['size_px'][0]}x{s['size_px'][1]} px = {grid(s['hires_grid'])}",
         f"padded canvas    {s['padded_size_px'][0]}x{s['padded_size_px'][1]} px = {grid(s['padded_hires_grid'])}"
         f" (windows of {s['window_tokens']}x{s['window_tokens']} tokens; cropped back after decoding)",
-        f"guide            {s['guide_size_px'][0]}x{s['guide_size_px'][1]} px = {grid(s['guide_grid'])}"
-        f" (rho {s['rho']}, tiles of {s['guide_tile'][1]}x{s['guide_tile'][0]})",
+        f"guide            {s['guide_size_px'][0]}x{s['guide_size_px'][1]} px = {grid(s['guide_image_grid'])}"
+        f" (rho {s['rho']}; {grid(s['guide_grid'])} in tiles of {s['guide_tile'][1]}x{s['guide_tile'][0]},"
+        f" edges repeated)",
         f"sequence         {s['seq_len']} tokens = text {s['text_len']} + hires {s['hires_tokens']}"
         f" + guide {s['guide_tokens']} ({s['n_blocks']} blocks of {s['block_tokens']})",
         f"policy           {s['policy']}: {s['allowed_blocks']} of {s['n_blocks'] ** 2} blocks"

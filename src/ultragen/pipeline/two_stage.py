@@ -288,7 +288,7 @@ class UltraGenPipeline:
                  config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
         """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> unpacked clean latent of the requested
         size (B, C, H/8, W/8)."""
-        expected = (layout.guide_grid[0] * 2, layout.guide_grid[1] * 2)
+        expected = (layout.guide_image_grid[0] * 2, layout.guide_image_grid[1] * 2)
         assert tuple(guide.shape[-2:]) == expected, f"guide latent {tuple(guide.shape)} vs layout {expected}"
         device, batch, channels = self.device, guide.shape[0], guide.shape[1]
         canvas = (layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
@@ -298,7 +298,7 @@ class UltraGenPipeline:
         start = warm_start_latent(guide.float(), canvas, noise, sigma, config.sharpen_strength,
                                   config.sharpen_sigma_latent_px)
         x = layout.hires_to_sequence(_pack(start.to(guide.dtype)))  # (B, hires_tokens, 4C) window-first
-        g = layout.guide_to_sequence(_pack(guide))  # (B, guide_tokens, 4C) tile-first
+        g = layout.guide_to_sequence(layout.pad_guide(_pack(guide)))  # (B, guide_tokens, 4C) tile-first
         plan = build_plan(layout, config.policy)
         guidance = None
         if self.flux.transformer.config.guidance_embeds:

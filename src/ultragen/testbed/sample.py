@@ -98,13 +98,15 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
     """The hierarchical forward at ``scale`` x base: windows only (guide None) or with the clean guide latent
     (B, C, base, base) in the sequence (the batch is doubled for guidance, so the guide is too)."""
     layout = config.layout(scale, guide=guide is not None)
-    if guide is not None and tuple(guide.shape[-2:]) != layout.guide_grid:
+    if guide is not None and tuple(guide.shape[-2:]) != layout.guide_image_grid:
         raise ValueError(f"the guide latent is {tuple(guide.shape[-2:])} tokens but a {scale}x layout with rho="
-                         f"{config.rho} needs {layout.guide_grid}: evaluate at scale = rho so the base sample is the "
-                         f"guide")
+                         f"{config.rho} needs {layout.guide_image_grid}: evaluate at scale = rho so the base sample "
+                         f"is the guide")
     plan = build_plan(layout, settings.policy)
     hier = HierFluxTransformer(model, backend=settings.backend)
-    guide_seq = None if guide is None else layout.guide_to_sequence(to_tokens(torch.cat([guide, guide])))
+    guide_seq = None
+    if guide is not None:
+        guide_seq = layout.guide_to_sequence(layout.pad_guide(to_tokens(torch.cat([guide, guide]))))
     grid = layout.padded_grid
 
     def velocity(x, sigma, prompt):
