@@ -231,12 +231,13 @@ def test_lora_expectation_records_a_local_model_folder_as_training_does(tmp_path
 def test_window_first_latents_come_back_to_the_requested_top_left_region():
     """Canvas latents -> pack -> window-first -> raster -> unpack -> crop returns exactly the requested region."""
     from ultragen.layout import make_layout
-    from ultragen.pipeline.two_stage import _crop, _pack, _unpack
+    from ultragen.pipeline.latents import pack, unpack
+    from ultragen.pipeline.two_stage import _crop
 
     layout = make_layout(544, 960)  # padded on the right and at the bottom
     assert layout.padded_grid != layout.hires_grid
     canvas = torch.randn(1, 16, layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
-    sequence = layout.hires_to_sequence(_pack(canvas))
-    back = _crop(_unpack(layout.hires_to_raster(sequence), layout.padded_height_px, layout.padded_width_px), layout)
+    sequence = layout.hires_to_sequence(pack(canvas))
+    back = _crop(unpack(layout.hires_to_raster(sequence), layout.padded_height_px, layout.padded_width_px), layout)
     assert back.shape[-2:] == (layout.height_px // 8, layout.width_px // 8)
     assert torch.equal(back, canvas[:, :, : layout.height_px // 8, : layout.width_px // 8])

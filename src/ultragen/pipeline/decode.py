@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
+from ultragen.pipeline.latents import to_vae_space
 from ultragen.pipeline.outputs import atomic_path
 
 LATENT_FORMAT = "ultragen-latent-v1"
@@ -43,7 +44,7 @@ def decode_latents(vae, latents: torch.Tensor, tile_px: int | None = None, progr
     """Unpacked latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1], decoded tile by tile."""
     set_vae_tiling(vae, tile_px)
     param = next(vae.parameters())
-    z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    z = to_vae_space(latents.to(device=param.device, dtype=param.dtype), vae)
     bar = tqdm(total=_tile_count(vae, tuple(z.shape[-2:])) * z.shape[0], desc="decode", unit="tile",
                disable=not progress)
 

@@ -17,7 +17,14 @@ import torch
 
 from ultragen import __version__
 from ultragen.pipeline.config import GenerationConfig
-from ultragen.pipeline.outputs import OutputPaths, check_writable, plan_outputs, png_text, write_json, write_png
+from ultragen.pipeline.outputs import (
+    OutputPaths,
+    check_writable,
+    plan_outputs,
+    png_text,
+    write_json,
+    write_png,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -25,12 +25,11 @@ from ultragen.flux import HierFluxTransformer
 from ultragen.layout import HierLayout
 from ultragen.pipeline.config import FAMILY_DEFAULTS, GenerationConfig, ModelDefaults, ModelFamily
 from ultragen.pipeline.decode import decode_latents, to_pil
+from ultragen.pipeline.latents import VAE_SCALE, pack, unpack
 from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
 from ultragen.pipeline.schedule import hires_scheduler
 from ultragen.pipeline.warm_start import warm_start_latent
 from ultragen.policy import build_plan
-
-VAE_SCALE = 8  # FLUX.1's VAE: 8 px per latent pixel; a packed token is 2x2 latent pixels (layout.PATCH_PX = 16)
 
 
 @dataclass
@@ -50,15 +49,6 @@ class UltraGenOutput:
 class _Prompt:
     embeds: torch.Tensor  # (B, text_tokens, joint_dim)
     pooled: torch.Tensor  # (B, pooled_dim)
-
-
-def _pack(latents: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-
-def _unpack(packed: torch.Tensor, height_px: int, width_px: int) -> torch.Tensor:
-    return FluxPipeline._unpack_latents(packed, height_px, width_px, VAE_SCALE)
 
 
 def _crop(latents: torch.Tensor, layout: HierLayout) -> torch.Tensor:
@@ -282,7 +272,7 @@ class UltraGenPipeline:
                 ).images
         finally:
             flux.scheduler = scheduler
-        return _unpack(packed, height, width)
+        return unpack(packed, height, width)
 
     def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
                  config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
@@ -297,8 +287,8 @@ class UltraGenPipeline:
         noise = randn_tensor((batch, channels, *canvas), generator=generator, device=device, dtype=torch.float32)
         start = warm_start_latent(guide.float(), canvas, noise, sigma, config.sharpen_strength,
                                   config.sharpen_sigma_latent_px)
-        x = layout.hires_to_sequence(_pack(start.to(guide.dtype)))  # (B, hires_tokens, 4C) window-first
-        g = layout.guide_to_sequence(layout.pad_guide(_pack(guide)))  # (B, guide_tokens, 4C) tile-first
+        x = layout.hires_to_sequence(pack(start.to(guide.dtype)))  # (B, hires_tokens, 4C) window-first
+        g = layout.guide_to_sequence(layout.pad_guide(pack(guide)))  # (B, guide_tokens, 4C) tile-first
         plan = build_plan(layout, config.policy)
         guidance = None
         if self.flux.transformer.config.guidance_embeds:
@@ -312,7 +302,7 @@ class UltraGenPipeline:
         finally:
             hier.clear_guide_cache()
         raster = layout.hires_to_raster(x)
-        return _crop(_unpack(raster, layout.padded_height_px, layout.padded_width_px), layout)
+        return _crop(unpack(raster, layout.padded_height_px, layout.padded_width_px), layout)
 
 
 class _Clock:

@@ -10,7 +10,7 @@ Folder layout (``ultragen train prepare --out CACHE``)::
     CACHE/manifest.json             written last: the commit point; without it the cache is unfinished
 
 Latents are the VAE posterior's mode, ``(z - shift_factor) * scaling_factor``, packed 2x2 into tokens with
-diffusers' ``FluxPipeline._pack_latents`` (N = (size/16)^2 tokens, G = N / rho^2, C = 4 x latent channels).
+``ultragen.pipeline.latents.pack`` (diffusers' packing) (N = (size/16)^2 tokens, G = N / rho^2, C = 4 x latent channels).
 Every write is atomic (temporary file, fsync, rename).
 """
 

@@ -13,7 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ultragen.train.cache import (
-    EMPTY, ITEMS, CacheManifest, CacheWriter, normalise_model, write_tensors_atomic, write_text_atomic,
+    EMPTY,
+    ITEMS,
+    CacheManifest,
+    CacheWriter,
+    normalise_model,
+    write_tensors_atomic,
+    write_text_atomic,
 )
 from ultragen.train.config import MAX_TEXT_TOKENS, PrepareConfig, check_geometry
 from ultragen.train.data import Item, check_images, collect_items, guide_image, load_square, to_tensor
@@ -100,13 +106,10 @@ def encode_text(pipe, captions: list[str], text_tokens: int) -> tuple[torch.Tens
 
 def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> packed, scaled and shifted latents (B, H/16 * W/16, 4 * latent channels)."""
-    from diffusers import FluxPipeline
+    from ultragen.pipeline.latents import pack, to_model_space
 
     vae = pipe.vae
-    z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
-    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = z.shape
-    return FluxPipeline._pack_latents(z, b, c, h, w)
+    return pack(to_model_space(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode(), vae))
 
 
 def encode_items(pipe, items: list[Item], config: PrepareConfig, text_tokens: int) -> dict[str, torch.Tensor]:
