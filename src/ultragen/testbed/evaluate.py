@@ -60,6 +60,8 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
              log: Callable[[str], None] = print) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the results record, {row name: (N, 3, H, W) images}) for the model of ``run_dir``."""
     config, model, step = load_ema(run_dir, device)
+    if torch.device(device).type == "cuda":
+        model = model.to(torch.bfloat16)  # as FLUX runs: bf16 weights, fast kernels; latents stay float32
     if settings.scale != config.rho:
         raise ValueError(f"scale={settings.scale} must equal the testbed's rho={config.rho} (the base sample is the "
                          f"guide of the {config.rho}x image)")
@@ -90,7 +92,7 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
             bar.update(1)
     bar.close()
     images = {name: run.stacked() for name, run in rows.items()}
-    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start)
+    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype)
     return record, images
 
 
@@ -123,7 +125,7 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
-            images: dict[str, torch.Tensor], jobs, seconds: float) -> dict:
+            images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype) -> dict:
     window_px, token_px = config.window_px, config.token_px
     base = images["base"]
     rows = []
@@ -146,7 +148,7 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies]},
         "prompts": [s.caption for s in scenes],
         "seconds": seconds,
-        "host": {"torch": torch.__version__, "python": platform.python_version(),
+        "host": {"torch": torch.__version__, "python": platform.python_version(), "model_dtype": str(dtype),
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
     }
 

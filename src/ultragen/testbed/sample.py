@@ -10,7 +10,8 @@ caption. What differs is the velocity function at the hires size:
 - ``windows+guide+lora``: the same with a guide LoRA loaded into the model.
 
 Warm start (any strategy): the base sample, upsampled, sharpened and re-noised to the schedule's sigma at step k
-(:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. Latents are unpacked (B, C, rows, cols).
+(:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. Latents are unpacked (B, C, rows, cols)
+float32; the model runs in its own dtype (bfloat16 on CUDA in the evaluation) and its output is integrated in float32.
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, prompt: Pro
 
 def stock_velocity(model: FluxTransformer2DModel, grid: tuple[int, int]) -> Velocity:
     """The unmodified model over a ``grid`` of tokens with true (raster) positions."""
-    img_ids = raster_ids(*grid)
+    img_ids, dtype = raster_ids(*grid), model.dtype
 
     def velocity(x, sigma, prompt):
-        out = model(hidden_states=to_tokens(x), encoder_hidden_states=prompt.embeds,
-                    pooled_projections=prompt.pooled, timestep=sigma, img_ids=img_ids.to(x.device),
+        out = model(hidden_states=to_tokens(x).to(dtype), encoder_hidden_states=prompt.embeds.to(dtype),
+                    pooled_projections=prompt.pooled.to(dtype), timestep=sigma, img_ids=img_ids.to(x.device),
                     txt_ids=torch.zeros(prompt.embeds.shape[1], 3, device=x.device), return_dict=False)[0]
-        return from_tokens(out, grid)
+        return from_tokens(out.float(), grid)
 
     return velocity
 
@@ -104,14 +105,15 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
                          f"is the guide")
     plan = build_plan(layout, settings.policy)
     hier = HierFluxTransformer(model, backend=settings.backend)
-    guide_seq = None
+    dtype, guide_seq = model.dtype, None
     if guide is not None:
-        guide_seq = layout.guide_to_sequence(layout.pad_guide(to_tokens(torch.cat([guide, guide]))))
+        guide_seq = layout.guide_to_sequence(layout.pad_guide(to_tokens(torch.cat([guide, guide])))).to(dtype)
     grid = layout.padded_grid
 
     def velocity(x, sigma, prompt):
-        out = hier(layout.hires_to_sequence(to_tokens(x)), prompt.embeds, prompt.pooled, sigma, plan, guide=guide_seq)
-        return from_tokens(layout.hires_to_raster(out), grid)
+        out = hier(layout.hires_to_sequence(to_tokens(x)).to(dtype), prompt.embeds.to(dtype),
+                   prompt.pooled.to(dtype), sigma, plan, guide=guide_seq)
+        return from_tokens(layout.hires_to_raster(out).float(), grid)
 
     return velocity
 

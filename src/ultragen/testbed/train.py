@@ -52,7 +52,7 @@ class TrainSettings:
     checkpoint_every: int = 250
     log_every: int = 25
     seed: int = 0
-    supersample: int = 4
+    supersample: int = 2  # point samples per pixel side (the LoRA cache renders with 2 too)
     workers: int = 0  # DataLoader processes that render scenes (0: in the training process)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The testbed measurement of issue 8 on one GPU, in stages that each fit a 10-minute device call. The run folders
+# live under runs/ (git-ignored) and persist between calls while the machine stays warm; every stage resumes.
+#
+#   bash bench/testbed_gpu.sh train MINUTES     # train (or resume) the base model for MINUTES
+#   bash bench/testbed_gpu.sh probe PROMPTS     # a short eval without the LoRA (timing and a first look)
+#   bash bench/testbed_gpu.sh lora-cache COUNT  # 4x scenes + base guides for the guide LoRA
+#   bash bench/testbed_gpu.sh lora SECONDS      # train (or resume) the guide LoRA for at most SECONDS
+#   bash bench/testbed_gpu.sh eval PROMPTS      # every strategy with and without warm start -> bench/results
+#
+# Copies of the logs and results go to $OUT when it is set (the device tool returns that folder).
+set -euo pipefail
+RUN=${RUN:-runs/tb}
+LORA=${LORA:-runs/tb-lora}
+CACHE=${CACHE:-runs/tb-lora-cache}
+OUT=${OUT:-}
+stage=$1
+arg=${2:-}
+
+command -v ultragen >/dev/null || ultragen() { python3 -m ultragen "$@"; }  # a source checkout on PYTHONPATH
+keep() { [ -n "$OUT" ] && cp "$@" "$OUT"/ || true; }
+
+case $stage in
+  train)
+    ultragen testbed train --run-dir "$RUN" --preset base --steps 200000 --batch-size 64 --lr 5e-4 \
+      --workers 12 --device cuda --max-minutes "$arg" --quiet
+    keep "$RUN/log.jsonl"
+    ;;
+  probe)
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 8 --quiet \
+      --out "$RUN/probe.json" --grid "$RUN/probe.png"
+    keep "$RUN/probe.json" "$RUN/probe.png"
+    ;;
+  lora-cache)
+    [ -f "$CACHE/manifest.json" ] || { rm -rf "$CACHE"; ultragen testbed lora-cache --run-dir "$RUN" --out "$CACHE" \
+      --count "$arg"; }
+    ;;
+  lora)
+    resume=()
+    compgen -G "$LORA/checkpoints/step-*" >/dev/null && resume=(--resume)
+    # at most $arg seconds: checkpoints every 100 steps, so a stop loses little and the next call resumes
+    timeout "$arg" ultragen train --model "$RUN/model" --cache "$CACHE" --out "$LORA" --steps 1500 --lr 5e-4 \
+      --batch-size 4 --save-every 100 --validate-every 250 --quiet "${resume[@]}" || [ $? -eq 124 ]
+    keep "$LORA/loss.jsonl"
+    ;;
+  eval)
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 16 --quiet \
+      --lora "$LORA/guide_lora.safetensors" --out "bench/results/testbed-$(date +%Y%m%d).json"
+    keep bench/results/testbed-"$(date +%Y%m%d)".*
+    ;;
+  *)
+    echo "unknown stage $stage; see the top of $0" >&2
+    exit 2
+    ;;
+esac
