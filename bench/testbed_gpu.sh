@@ -17,7 +17,9 @@ OUT=${OUT:-}
 stage=$1
 arg=${2:-}
 
-command -v ultragen >/dev/null || ultragen() { python3 -m ultragen "$@"; }  # a source checkout on PYTHONPATH
+ug=(ultragen)
+command -v ultragen >/dev/null || ug=(python3 -m ultragen)  # a source checkout on PYTHONPATH
+ultragen() { "${ug[@]}" "$@"; }
 keep() { [ -n "$OUT" ] && cp "$@" "$OUT"/ || true; }
 
 case $stage in
@@ -39,13 +41,15 @@ case $stage in
     resume=()
     compgen -G "$LORA/checkpoints/step-*" >/dev/null && resume=(--resume)
     # at most $arg seconds: checkpoints every 100 steps, so a stop loses little and the next call resumes
-    timeout "$arg" ultragen train --model "$RUN/model" --cache "$CACHE" --out "$LORA" --steps 1500 --lr 5e-4 \
+    timeout "$arg" "${ug[@]}" train --model "$RUN/model" --cache "$CACHE" --out "$LORA" --steps 1500 --lr 5e-4 \
       --batch-size 4 --save-every 100 --validate-every 250 --quiet "${resume[@]}" || [ $? -eq 124 ]
     keep "$LORA/loss.jsonl"
     ;;
   eval)
-    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 16 --quiet \
-      --lora "$LORA/guide_lora.safetensors" --out "bench/results/testbed-$(date +%Y%m%d).json"
+    lora=$LORA/guide_lora.safetensors  # the finished run's LoRA, else its latest checkpoint's
+    [ -f "$lora" ] || lora=$(ls -d "$LORA"/checkpoints/step-* | tail -1)/lora.safetensors
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
+      --lora "$lora" --out "bench/results/testbed-$(date +%Y%m%d).json"
     keep bench/results/testbed-"$(date +%Y%m%d)".*
     ;;
   *)

@@ -134,13 +134,18 @@ def _lora_file(tmp_path, rho: int, trained: bool = False):
     return save_guide_lora(transformer, tmp_path / "inputs" / f"guide-rho{rho}.safetensors", meta)
 
 
-def test_guide_lora_changes_the_hires_pass_but_not_the_guide(tmp_path):
+def test_guide_lora_changes_the_hires_pass_but_not_the_guide(tmp_path, caplog):
     path = _lora_file(tmp_path, rho=4, trained=True)
     plain = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
     adapted = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
     kwargs = dict(num_inference_steps=3, warm_start_skip=1, guide_steps=2, output_type="latent", progress=False)
     adapted.load_lora(str(path), adapted.make_config(height=512, width=512, **{"warm_start_skip": 1}))
-    a, b = plain("a red fox", 512, 512, **kwargs), adapted("a red fox", 512, 512, **kwargs)
+    with caplog.at_level("WARNING", logger="ultragen.pipeline.two_stage"):
+        a = plain("a red fox", 512, 512, **kwargs)
+        assert "no guide LoRA loaded" in caplog.text  # the testbed: an untrained guide is ignored
+        caplog.clear()
+        b = adapted("a red fox", 512, 512, **kwargs)
+        assert "no guide LoRA loaded" not in caplog.text
     torch.testing.assert_close(b.guide_latents, a.guide_latents, rtol=0, atol=0)  # stage A: stock model
     assert (b.latents - a.latents).abs().mean() > 1e-3
 

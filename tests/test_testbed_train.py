@@ -89,3 +89,10 @@ def test_guide_lora_chain_on_testbed_data(tmp_path):
                             sampler=SamplerSettings(steps=2, warm_start_skip=1))
     record, _ = evaluate(run, settings, progress=False, log=_quiet)
     assert [r["strategy"] for r in record["rows"]][-2:] == ["windows+guide+lora"] * 2 and not record["missing"]
+
+
+def test_cli_strategy_names_match_the_enum():
+    from ultragen.cli import TESTBED_STRATEGIES
+    from ultragen.testbed.sample import Strategy
+
+    assert TESTBED_STRATEGIES == tuple(s.value for s in Strategy)

@@ -206,6 +206,10 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# ultragen.testbed.sample.Strategy's values, spelt out so that building the parser does not import diffusers
+TESTBED_STRATEGIES = ("dense", "windows", "windows+guide", "windows+guide+lora")
+
+
 def _add_testbed_parser(commands) -> None:
     tb = commands.add_parser("testbed", help="the quality testbed: a small FLUX model trained on procedural scenes")
     which = tb.add_subparsers(dest="testbed", required=True)
@@ -237,6 +241,8 @@ def _add_testbed_parser(commands) -> None:
     ev.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     ev.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
     ev.add_argument("--lora", help="guide LoRA for the windows+guide+lora rows")
+    ev.add_argument("--strategies", nargs="+", choices=TESTBED_STRATEGIES, default=list(TESTBED_STRATEGIES),
+                    help="strategies to run, each with and without warm start (default: all)")
     ev.add_argument("--batch-size", type=whole_number, default=4, help="prompts per batch (default 4)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ev.add_argument("--out", help="results JSON (default bench/results/testbed-<yyyymmdd>.json)")
@@ -290,7 +296,8 @@ def run_testbed_eval(args: argparse.Namespace) -> int:
 
     sampler = SamplerSettings(steps=args.steps, warm_start_skip=args.warm_start_skip, cfg_scale=args.cfg,
                               policy=args.policy)
-    settings = EvalSettings(prompts=args.prompts, batch_size=args.batch_size, lora_path=args.lora, sampler=sampler)
+    settings = EvalSettings(prompts=args.prompts, batch_size=args.batch_size, lora_path=args.lora, sampler=sampler,
+                            strategies=tuple(args.strategies))
     out = Path(args.out or f"bench/results/testbed-{datetime.date.today():%Y%m%d}.json")
     record, images = evaluate(args.run_dir, settings, device=args.device, progress=not args.quiet)
     write_results(record, images, out, args.grid or out.with_suffix(".png"), settings.grid_prompts)

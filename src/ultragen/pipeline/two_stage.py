@@ -13,6 +13,7 @@ tile-first in stage B) or *unpacked* (B, C, H/8, W/8) as the VAE sees them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 
@@ -28,6 +29,12 @@ from ultragen.pipeline.decode import decode_latents, to_pil
 from ultragen.pipeline.latents import VAE_SCALE, pack, unpack
 from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
 from ultragen.pipeline.schedule import hires_scheduler
+
+log = logging.getLogger(__name__)
+NO_LORA_WARNING = (
+    "no guide LoRA loaded: the hires pass reads the guide only as far as the model generalises to it untrained. On "
+    "the testbed a model that never saw guide tokens ignored it completely (4x count accuracy 0.000 without a guide "
+    "LoRA, 0.785 with one; bench/results/testbed-20261122.md). Train one with `ultragen train` and pass --lora.")
 from ultragen.pipeline.warm_start import warm_start_latent
 from ultragen.policy import build_plan
 
@@ -85,6 +92,7 @@ class UltraGenPipeline:
         self.flux = flux
         self.model = model
         self.lora_metadata = None
+        self._warned_no_lora = False
         self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
         self._fp8 = False
 
@@ -209,6 +217,9 @@ class UltraGenPipeline:
             raise ValueError(f"prompt={prompt!r} is empty; pass a description of the image")
         generator = generator or torch.Generator("cpu").manual_seed(config.seed)
         self.prepare_weights(config)
+        if self.lora_metadata is None and not self._warned_no_lora:
+            log.warning(NO_LORA_WARNING)
+            self._warned_no_lora = True  # once per pipeline, not once per prompt
         hier = self._hierarchical(config)  # before stage A: with compile_blocks it compiles stage A's blocks too
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timings)
