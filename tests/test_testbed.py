@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ultragen.testbed.latent import LatentCodec, from_tokens, to_tokens
-from ultragen.testbed.metrics import detect, guide_psnr, psnr_db, score, seam_ratio, to_tensor
+from ultragen.testbed.metrics import detail_ratio, detect, guide_psnr, psnr_db, score, seam_ratio, to_tensor
 from ultragen.testbed.model import PRESETS, TestbedConfig, raster_ids
 from ultragen.testbed.scenes import (
     Background,
@@ -150,6 +150,20 @@ def test_seam_ratio_is_one_without_seams_and_grows_with_a_grid():
     assert seam_ratio(gridded + blocky - smooth, 16, token_px=4) > 1.3
     clean = torch.stack([to_tensor(render(sample_scene(s), 128)) for s in SEEDS])
     assert 0.7 < seam_ratio(clean, 16) < 1.3
+
+
+def test_detail_ratio_is_one_for_the_truth_low_for_an_upsample_high_for_noise():
+    scenes = [sample_scene(s) for s in range(4)]
+    truth = torch.stack([to_tensor(render(s, 256, supersample=2)) for s in scenes])
+    assert detail_ratio(truth, truth, 4) == pytest.approx(1.0)
+    small = torch.stack([to_tensor(render(s, 64, supersample=2)) for s in scenes])
+    upsampled = torch.nn.functional.interpolate(small, size=256, mode="bicubic", align_corners=False)
+    assert guide_psnr(upsampled, small) > 25  # the upsample is faithful to the guide ...
+    assert detail_ratio(upsampled, truth, 4) < 0.5  # ... but carries little of the detail
+    noisy = (truth + 0.2 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert detail_ratio(noisy, truth, 4) > 1.5
+    with pytest.raises(ValueError, match="divide the image size"):
+        detail_ratio(truth[..., :250, :250], truth[..., :250, :250], 4)
 
 
 def test_guide_psnr():

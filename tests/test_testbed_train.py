@@ -63,6 +63,8 @@ def test_evaluate_writes_every_row(tmp_path):
     assert [(r["strategy"], r["warm_start"]) for r in record["rows"]] == [
         (s.value, w) for s in list(Strategy)[:3] for w in (False, True)]
     assert record["missing"] and "lora" in record["missing"][0]
+    assert all(0 < r["detail_ratio"] < float("inf") for r in record["rows"])
+    assert 0 < record["reference"]["upsampled_base_detail_ratio"] < float("inf")
     json.dumps(record)
     assert sample_grid(images, 2).size == (2 * (16 * 2 + 4), 7 * (16 * 2 + 4))
     with pytest.raises(ValueError, match="must equal the testbed's rho"):

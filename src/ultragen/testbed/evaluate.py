@@ -3,7 +3,8 @@
 For each evaluation scene (seeds EVAL_SEED0 + i, never trained on) the base-resolution sample is generated first;
 it is the base row's image, the guide of the guide strategies and the warm-start image. Then each strategy runs
 with and without warm start from the same noise. Rows report count / colour / position accuracy of the detector,
-the seam ratio at the window borders and the PSNR of the downsampled output against the base sample (the guide).
+the seam ratio at the window borders, the PSNR of the downsampled output against the base sample (the guide) and
+the detail ratio (fine detail against the true 4x renders).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ultragen.flux.lora import load_guide_lora
-from ultragen.testbed.metrics import detect, guide_psnr, score, seam_ratio, to_tensor
+from ultragen.testbed.metrics import detail_ratio, detect, guide_psnr, score, seam_ratio, to_tensor
 from ultragen.testbed.model import TestbedConfig
 from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
 from ultragen.testbed.scenes import Scene, render, sample_scene
@@ -126,15 +128,19 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
             images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype) -> dict:
-    window_px, token_px = config.window_px, config.token_px
+    window_px, token_px, factor = config.window_px, config.token_px, settings.scale
     base = images["base"]
+    hires_px = config.base_px * factor
+    # the true 4x images, rendered as the training data are (2x2 supersampling): the detail reference
+    truth = torch.stack([to_tensor(render(s, hires_px, supersample=2)) for s in scenes])
     rows = []
     for strategy, warm in jobs:
         out = images[_row_name(strategy, warm)]
         rows.append({"strategy": strategy.value, "warm_start": warm, **_scores(scenes, out),
-                     "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base)})
-    clean = torch.stack([to_tensor(render(s, config.base_px * settings.scale, supersample=1))
-                         for s in scenes[: min(8, len(scenes))]])
+                     "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base),
+                     "detail_ratio": detail_ratio(out, truth, factor)})
+    clean = torch.stack([to_tensor(render(s, hires_px, supersample=1)) for s in scenes[: min(8, len(scenes))]])
+    upsampled = F.interpolate(base, size=hires_px, mode="bicubic", align_corners=False)
     missing = [] if any(s is Strategy.GUIDE_LORA for s, _ in jobs) else (
         ["windows+guide+lora: no guide LoRA given (--lora); train one with `ultragen train` on testbed data"]
         if Strategy.GUIDE_LORA in settings.strategies else [])
@@ -142,7 +148,9 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "base": _scores(scenes, base),
         "rows": rows,
         "reference": {"clean_render_seam_ratio": seam_ratio(clean, window_px, token_px),
-                      "base_seam_ratio": seam_ratio(base, window_px, token_px)},
+                      "base_seam_ratio": seam_ratio(base, window_px, token_px),
+                      # the base sample bicubic-upsampled: what a warm start would keep if it added nothing
+                      "upsampled_base_detail_ratio": detail_ratio(upsampled, truth, factor)},
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies]},

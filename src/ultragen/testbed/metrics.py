@@ -13,6 +13,10 @@ Scores against the ground-truth :class:`~ultragen.testbed.scenes.Scene` (micro-a
 
 ``seam_ratio``: mean squared pixel difference across window borders over that across the other token borders
 (1: no seams). ``guide_psnr``: PSNR of the output box-downsampled to the guide's size against the guide.
+``detail_ratio``: energy of what the output adds above the guide's resolution, over the same for clean renders of
+the same scenes at the output size (1: as much fine detail as the true image; a blurred upsample of the guide is
+far below 1). The accuracies and the guide PSNR reward fidelity to the guide; this is what rewards the detail a
+high-resolution image exists for.
 """
 
 from __future__ import annotations
@@ -176,6 +180,25 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
 def guide_psnr(images: torch.Tensor, guides: torch.Tensor) -> float:
     """PSNR of (B, 3, H, W) outputs box-downsampled to the (B, 3, h, w) guide images' size."""
     return psnr_db(box_downsample(images.clamp(0, 1), guides.shape[-1]), guides.clamp(0, 1))
+
+
+def high_frequency_energy(images: torch.Tensor, factor: int) -> float:
+    """Mean squared residual of (B, C, H, W) images after removing what a ``factor``-times smaller image carries:
+    ``x - bilinear_up(box_down(x))`` (the bilinear reconstruction keeps a smooth image's residual near 0)."""
+    if factor < 2 or images.shape[-1] % factor or images.shape[-2] % factor:
+        raise ValueError(f"factor={factor} must be >= 2 and divide the image size {tuple(images.shape[-2:])}")
+    x = images.double()
+    low = F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+    return float(((x - low) ** 2).mean())
+
+
+def detail_ratio(images: torch.Tensor, clean: torch.Tensor, factor: int) -> float:
+    """High-frequency energy (above 1/``factor`` of the resolution) of (B, 3, H, W) outputs over that of clean
+    renders of the same scenes, both pooled over the batch. ~1: true-to-life detail; << 1: blurred; > 1: noise."""
+    if images.shape != clean.shape:
+        raise ValueError(f"outputs {tuple(images.shape)} and clean renders {tuple(clean.shape)} must match")
+    reference = high_frequency_energy(clean.clamp(0, 1), factor)
+    return math.inf if reference == 0 else high_frequency_energy(images.clamp(0, 1), factor) / reference
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
