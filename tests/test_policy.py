@@ -119,3 +119,36 @@ def test_bad_policies_raise_value_error(make, message):
 def test_policy_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["default"].hires_halo_tokens = 3
+
+
+def test_policy_file_with_a_base_preset_changes_only_its_fields(tmp_path):
+    path = tmp_path / "halo0.json"
+    path.write_text('{"base": "authors-code", "hires_halo_tokens": 0}')
+    policy = get_policy(str(path))
+    assert policy == dataclasses.replace(PRESETS["authors-code"], name="halo0", hires_halo_tokens=0)
+    layout = make_layout(1024, 1024, rho=4)
+    assert build_plan(layout, str(path)).kv_counts.sum() < build_plan(layout, "authors-code").kv_counts.sum()
+
+
+def test_policy_file_with_every_field_round_trips(tmp_path):
+    import json
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(PRESETS["paper-v1"].to_dict()))
+    assert get_policy(str(path)) == PRESETS["paper-v1"]  # its own name wins over the file's
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"base": "wide"}', "base='wide' is not a preset"),
+    ('{"base": "default", "hires_halo": 3}', "unknown attention policy keys"),
+    ('{"base": "default", "hires_to_hires": "sometimes"}', "is not a reach"),
+])
+def test_bad_policy_files_teach(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        get_policy(str(path))

@@ -258,3 +258,11 @@ def test_validation_samples_through_the_generation_pipeline(tmp_path):
                                 validate_prompts=str(prompts)), **quiet)
     assert sorted(p.name for p in (result.run_dir / "samples").iterdir()) == ["step-000000-00.png",
                                                                               "step-000001-00.png"]
+
+
+def test_train_config_takes_a_policy_file_and_refuses_a_missing_one(tmp_path):
+    path = tmp_path / "halo0.json"
+    path.write_text('{"base": "default", "hires_halo_tokens": 0}')
+    assert train_config(tmp_path, tmp_path / "run", policy=str(path)).policy == str(path)
+    with pytest.raises(ValueError, match="policy file .*nope.json' does not exist"):
+        train_config(tmp_path, tmp_path / "run", policy=str(tmp_path / "nope.json"))

@@ -20,8 +20,10 @@ independent check for tests.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from pathlib import Path
 
 import torch
 
@@ -208,15 +210,43 @@ PRESETS: dict[str, AttentionPolicy] = {
 }
 
 
+POLICY_HELP = (f"attention policy: a preset ({', '.join(sorted(PRESETS))}) or a .json file of policy fields, "
+               'e.g. {"base": "default", "hires_halo_tokens": 0}')
+
+
 def get_policy(name_or_policy: str | AttentionPolicy, **overrides) -> AttentionPolicy:
-    """A preset by name (``default``, ``authors-code``, ``paper-v1``, ``dense``), optionally with fields replaced."""
+    """A preset by name (``default``, ``authors-code``, ``paper-v1``, ``dense``) or a policy file, optionally with
+    fields replaced. A policy file (``*.json``) holds :meth:`AttentionPolicy.to_dict` fields, or ``"base"`` (a
+    preset name) and the fields that differ from it; unnamed file policies are named after the file."""
     if isinstance(name_or_policy, AttentionPolicy):
         policy = name_or_policy
     elif name_or_policy in PRESETS:
         policy = PRESETS[name_or_policy]
+    elif str(name_or_policy).endswith(".json"):
+        policy = _policy_file(Path(name_or_policy))
     else:
-        raise ValueError(f"unknown attention policy {name_or_policy!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown attention policy {name_or_policy!r}; choose one of {sorted(PRESETS)} or pass a "
+                         f".json file of policy fields")
     return replace(policy, **overrides) if overrides else policy
+
+
+def _policy_file(path: Path) -> AttentionPolicy:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"policy file {str(path)!r} does not exist; pass a preset name or an existing .json file") \
+            from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"policy file {str(path)!r} is not valid JSON ({error}); fix it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"policy file {str(path)!r} must hold a JSON object of policy fields, got {type(data).__name__}")
+    data = {"name": path.stem} | data
+    base = data.pop("base", None)
+    if base is None:
+        return AttentionPolicy.from_dict(data)
+    if base not in PRESETS:
+        raise ValueError(f"policy file {str(path)!r}: base={base!r} is not a preset; choose one of {sorted(PRESETS)}")
+    return AttentionPolicy.from_dict(PRESETS[base].to_dict() | data)
 
 
 # --- rectangle helpers: rects are (..., 4) int64 (row0, row1, col0, col1), inclusive ---------------------------

@@ -10,7 +10,7 @@ import sys
 
 from ultragen.cli import whole_number
 from ultragen.flux.lora import LoraTargets
-from ultragen.policy import PRESETS
+from ultragen.policy import POLICY_HELP
 from ultragen.train.config import LrSchedule, Optimizer, PrepareConfig, TrainConfig
 
 
@@ -37,7 +37,7 @@ def add_train_parser(commands) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; authors 0.1)")
     train.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (default 0.1)")
-    train.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    train.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     train.add_argument("--ntk-factor", type=float, default=1.0, help="RoPE NTK factor (default 1)")
     train.add_argument("--window", type=whole_number, help="window side in tokens (default: the cache's)")
     train.add_argument("--block-tokens", type=whole_number, help="attention block size (default: the cache's)")

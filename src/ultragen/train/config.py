@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ultragen.flux.lora import LoraTargets
 from ultragen.layout import make_layout
-from ultragen.policy import PRESETS
+from ultragen.policy import get_policy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context
@@ -208,8 +208,7 @@ def _validate(c: TrainConfig) -> None:
     _check_float("logit_std", c.logit_std, 0.0, 10.0, low_open=True)
     _check_float("guidance", c.guidance, 0.0, 100.0)
     _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
-    if c.policy not in PRESETS:
-        raise ValueError(f"unknown attention policy {c.policy!r}; choose one of {sorted(PRESETS)}")
+    get_policy(c.policy)  # a preset or a readable policy file; raises with the fix
     for name in ("window_tokens", "block_tokens", "size_px"):
         if getattr(c, name) is not None:
             _check_int(name, getattr(c, name), 1)
