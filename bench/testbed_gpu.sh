@@ -7,6 +7,8 @@
 #   bash bench/testbed_gpu.sh lora-cache COUNT  # 4x scenes + base guides for the guide LoRA
 #   bash bench/testbed_gpu.sh lora SECONDS      # train (or resume) the guide LoRA for at most SECONDS
 #   bash bench/testbed_gpu.sh eval PROMPTS      # every strategy with and without warm start -> bench/results
+#   bash bench/testbed_gpu.sh variant POLICY.json SECONDS PROMPTS   # a guide LoRA under another attention
+#        policy (bench/testbed_policies/), then windows+guide+lora under it -> bench/results/testbed-policy-*.json
 #
 # Copies of the logs and results go to $OUT when it is set (the device tool returns that folder).
 set -euo pipefail
@@ -21,6 +23,20 @@ ug=(ultragen)
 command -v ultragen >/dev/null || ug=(python3 -m ultragen)  # a source checkout on PYTHONPATH
 ultragen() { "${ug[@]}" "$@"; }
 keep() { [ -n "$OUT" ] && cp "$@" "$OUT"/ || true; }
+
+train_lora() {  # RUN_FOLDER SECONDS POLICY: train (or resume) a guide LoRA for at most SECONDS
+  local resume=()
+  compgen -G "$1/checkpoints/step-*" >/dev/null && resume=(--resume)
+  # checkpoints every 100 steps, so a stop loses little and the next call resumes
+  timeout "$2" "${ug[@]}" train --model "$RUN/model" --cache "$CACHE" --out "$1" --steps 1500 --lr 5e-4 \
+    --batch-size 4 --save-every 100 --validate-every 250 --policy "$3" --quiet "${resume[@]}" || [ $? -eq 124 ]
+  keep "$1/loss.jsonl"
+}
+
+latest_lora() {  # RUN_FOLDER: its final LoRA, else its latest checkpoint's
+  if [ -f "$1/guide_lora.safetensors" ]; then echo "$1/guide_lora.safetensors"
+  else echo "$(ls -d "$1"/checkpoints/step-* | tail -1)/lora.safetensors"; fi
+}
 
 case $stage in
   train)
@@ -38,19 +54,20 @@ case $stage in
       --count "$arg"; }
     ;;
   lora)
-    resume=()
-    compgen -G "$LORA/checkpoints/step-*" >/dev/null && resume=(--resume)
-    # at most $arg seconds: checkpoints every 100 steps, so a stop loses little and the next call resumes
-    timeout "$arg" "${ug[@]}" train --model "$RUN/model" --cache "$CACHE" --out "$LORA" --steps 1500 --lr 5e-4 \
-      --batch-size 4 --save-every 100 --validate-every 250 --quiet "${resume[@]}" || [ $? -eq 124 ]
-    keep "$LORA/loss.jsonl"
+    train_lora "$LORA" "$arg" default
     ;;
   eval)
-    lora=$LORA/guide_lora.safetensors  # the finished run's LoRA, else its latest checkpoint's
-    [ -f "$lora" ] || lora=$(ls -d "$LORA"/checkpoints/step-* | tail -1)/lora.safetensors
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
-      --lora "$lora" --out "bench/results/testbed-$(date +%Y%m%d).json"
+      --lora "$(latest_lora "$LORA")" --out "bench/results/testbed-$(date +%Y%m%d).json"
     keep bench/results/testbed-"$(date +%Y%m%d)".*
+    ;;
+  variant)
+    policy=$arg name=$(basename "$arg" .json)
+    train_lora "$LORA-$name" "$3" "$policy"
+    out=bench/results/testbed-policy-$name-$(date +%Y%m%d).json
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" \
+      --strategies windows+guide+lora --lora "$(latest_lora "$LORA-$name")" --out "$out" --grid "${out%.json}.png"
+    keep "$out"
     ;;
   *)
     echo "unknown stage $stage; see the top of $0" >&2

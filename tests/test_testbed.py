@@ -201,3 +201,15 @@ def test_tiny_model_forward():
                     pooled_projections=prompt.pooled, timestep=torch.tensor([0.5]), img_ids=raster_ids(n, n),
                     txt_ids=torch.zeros(cfg.text_tokens, 3)).sample
     assert out.shape == (1, n * n, cfg.codec().channels) and torch.isfinite(out).all()
+
+
+def test_the_policy_variants_of_the_gpu_sweep_load_and_differ():
+    from pathlib import Path
+
+    from ultragen.policy import build_plan
+
+    files = sorted((Path(__file__).parents[1] / "bench" / "testbed_policies").glob("*.json"))
+    layout = PRESETS["base"].layout(4)
+    blocks = {f.stem: int(build_plan(layout, str(f)).kv_counts.sum()) for f in files}
+    assert len(files) >= 5 and blocks["halo0"] < blocks["margin0"] < int(build_plan(layout).kv_counts.sum())
+    assert len(set(blocks.values())) == len(blocks)  # every variant is a different attention pattern
