@@ -4,11 +4,13 @@ from flux_tiny import tiny_flux
 from ultragen.bench.step import run_step_bench, speedups
 
 
+_TINY_KEYS = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+              "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
+              "axes_dims_rope")
+
+
 def test_step_bench_smoke_on_cpu():
-    config = dict(tiny_flux().config)
-    config = {k: config[k] for k in ("patch_size", "in_channels", "num_layers", "num_single_layers",
-                                     "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-                                     "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")}
+    config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
     logs = []
     rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16", "fp8"), config=config, device="cpu",
                           text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=logs.append)
@@ -16,6 +18,35 @@ def test_step_bench_smoke_on_cpu():
     assert all(r.s_per_step > 0 for r in rows)
     assert any("FP8 skipped" in line for line in logs)
     assert speedups(rows)["256x256"]["speedup"] > 0
+
+
+def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
+    import pytest
+
+    from ultragen.cli import main
+    from ultragen.flux import HierFluxTransformer
+
+    used = []
+
+    class Recording(HierFluxTransformer):
+        def forward(self, *args, **kwargs):
+            used.append(self.ff_chunk_tokens)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", Recording)
+    config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
+    rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16",), config=config,
+                          device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=lambda _: None,
+                          ff_chunk_tokens=(None, 64))  # 256 hires tokens: 4 chunks
+    assert sorted((r.mode, r.ff_chunk_tokens or 0) for r in rows) == [("dense", 0), ("hier", 0), ("hier", 64)]
+    assert set(used) == {None, 64}
+    with pytest.raises(ValueError, match="ff_chunk_tokens=0 must be None"):
+        run_step_bench([256], ["reference"], ff_chunk_tokens=(None, 0), config=config, device="cpu")
+    calls = []
+    monkeypatch.setattr("ultragen.bench.step.run_step_bench", lambda *args, **kwargs: calls.append(kwargs) or [])
+    assert main(["bench", "step", "--ff-chunk-tokens", "16384", "65536", "--out", str(tmp_path / "s.json")]) == 0
+    assert main(["bench", "step", "--out", str(tmp_path / "t.json")]) == 0
+    assert [c["ff_chunk_tokens"] for c in calls] == [[None, 16384, 65536], [None]]
 
 
 def test_step_plot_is_written(tmp_path):

@@ -170,7 +170,7 @@ def test_bad_inputs_raise_with_the_fix(change, message):
         hier(plan=build_plan(layout), **change(tiny_inputs(layout), layout))
 
 
-def test_compiled_blocks_match_eager_and_do_not_recompile(monkeypatch):
+def test_compiled_blocks_match_eager_and_do_not_recompile():
     import torch._dynamo
 
     model = tiny_flux(layers=2, single_layers=2)
@@ -182,10 +182,10 @@ def test_compiled_blocks_match_eager_and_do_not_recompile(monkeypatch):
     compiled.compile_blocks()
     torch._dynamo.reset()
     torch.testing.assert_close(hier_forward(compiled, plan, inputs), eager, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     later = {**inputs, "timestep": torch.full((1,), 0.2), "hires": torch.randn_like(inputs["hires"])}
-    torch.testing.assert_close(hier_forward(compiled, plan, later),
-                               hier_forward(HierFluxTransformer(model, backend="reference"), plan, later),
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo deletes dynamo config keys)
+        again = hier_forward(compiled, plan, later)
+    torch.testing.assert_close(again, hier_forward(HierFluxTransformer(model, backend="reference"), plan, later),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -199,3 +199,122 @@ def test_guidance_on_a_model_without_guidance_embedding_is_refused():
     layout = tiny_layout(8, 16)
     with pytest.raises(ValueError, match="no guidance embedding"):
         hier_forward(HierFluxTransformer(schnell_like, backend="reference"), build_plan(layout), tiny_inputs(layout))
+
+
+# --- feed-forward over token chunks (ff_chunk_tokens) --------------------------------------------------------------
+def _mlp_token_counts(model) -> list[int]:
+    """A list that fills with the token count of every call to a hires/guide feed-forward or single-block MLP input
+    projection (the base layer, so adapted calls count too; the double block's small text stream is left out)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    counts: list[int] = []
+    linears = [b.ff.net[0].proj for b in model.transformer_blocks]
+    linears += [b.proj_mlp for b in model.single_transformer_blocks]
+    for layer in linears:
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+        base.register_forward_hook(lambda module, args, out: counts.append(args[0].shape[1]))
+    return counts
+
+
+def _ff_case(case: str):
+    """(model, layout, HierFluxTransformer keyword arguments) of one chunking test case."""
+    model = tiny_flux(layers=2, single_layers=2)
+    if case == "guide LoRA":  # feed-forwards and MLPs adapted too, so the adapted path is chunked
+        from test_flux_lora import randomise_lora  # here: test_flux_lora imports this module
+
+        from ultragen.flux.lora import add_guide_lora
+
+        add_guide_lora(model, rank=4, alpha=4, targets="wide")
+        randomise_lora(model)
+    layout = tiny_layout(8, 16, rho=None if case == "no guide" else 2)  # text 8, hires 128, guide 32 tokens
+    return model, layout, {"cache_guide": case == "cached guide"}
+
+
+# 7 divides no stream; 16 divides hires and guide but not the single block's text + hires (136); 48 leaves the guide
+# whole (32 tokens)
+@pytest.mark.parametrize("chunk", [7, 16, 48])
+@pytest.mark.parametrize("case", ["no guide", "guide", "cached guide", "guide LoRA"])
+def test_ff_chunked_equals_unchunked_and_no_mlp_sees_more_than_a_chunk(case, chunk):
+    model, layout, kwargs = _ff_case(case)
+    plan = build_plan(layout)
+    inputs = tiny_inputs(layout, batch=2)
+    counts = _mlp_token_counts(model)
+    plain = hier_forward(HierFluxTransformer(model, backend="reference", **kwargs), plan, inputs)
+    plain_counts = list(counts)
+    counts.clear()
+    chunked = hier_forward(HierFluxTransformer(model, backend="reference", ff_chunk_tokens=chunk, **kwargs), plan,
+                           inputs)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    assert max(plain_counts) > chunk, "the test needs streams longer than a chunk"
+    assert max(counts) <= chunk, f"an MLP saw {max(counts)} tokens at ff_chunk_tokens={chunk}"
+    assert sum(counts) == sum(plain_counts), "chunking must cover every token once"
+
+
+def test_ff_chunking_off_or_above_every_stream_is_the_plain_call():
+    """None (the default) runs each MLP once over its whole stream, the code path from before chunking existed;
+    a chunk size above every stream's length gives bit-identical output."""
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    inputs = tiny_inputs(layout, batch=2)
+    counts = _mlp_token_counts(model)
+    default = hier_forward(HierFluxTransformer(model, backend="reference", cache_guide=False), plan, inputs)
+    assert sorted(set(counts)) == [32, 128, 136]  # guide; double-block hires; single-block text + hires
+    off = hier_forward(HierFluxTransformer(model, backend="reference", cache_guide=False, ff_chunk_tokens=None),
+                       plan, inputs)
+    above = hier_forward(HierFluxTransformer(model, backend="reference", cache_guide=False, ff_chunk_tokens=136),
+                         plan, inputs)
+    assert torch.equal(off, default) and torch.equal(above, default)
+
+
+def test_ff_chunking_with_gradient_checkpointing_matches_output_and_gradients():
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    inputs = {**tiny_inputs(layout), "hires": tiny_inputs(layout)["hires"].requires_grad_()}
+    counts = _mlp_token_counts(model)
+    results = []
+    for chunk in (None, 7):
+        hier = HierFluxTransformer(model, backend="reference", cache_guide=False, ff_chunk_tokens=chunk)
+        hier.enable_gradient_checkpointing()
+        counts.clear()
+        out = hier(plan=plan, **{**inputs, "hires": layout.hires_to_sequence(inputs["hires"])})
+        (grad,) = torch.autograd.grad(out.square().sum(), inputs["hires"])
+        results.append((out.detach(), grad))
+    assert max(counts) <= 7, "the recomputed forward must chunk too"
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_get_the_chunk_size_and_match_eager():
+    import torch._dynamo
+
+    model = tiny_flux()
+    layout = tiny_layout(8, 16)
+    plan = build_plan(layout)
+    inputs = tiny_inputs(layout)
+    eager = hier_forward(HierFluxTransformer(model, backend="reference"), plan, inputs)
+    compiled = HierFluxTransformer(model, backend="reference", ff_chunk_tokens=48)
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    seen = []
+    for fn, compiled_fn in list(compiled._compiled.items()):
+
+        def spy(*args, _compiled_fn=compiled_fn, **kwargs):
+            seen.append(kwargs.get("ff_chunk_tokens"))
+            return _compiled_fn(*args, **kwargs)
+
+        compiled._compiled[fn] = spy
+    torch.testing.assert_close(hier_forward(compiled, plan, inputs), eager, rtol=1e-5, atol=1e-5)
+    assert seen == [48, 48]  # the double and the single block
+    later = {**inputs, "timestep": torch.full((1,), 0.2)}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = hier_forward(compiled, plan, later)
+    torch.testing.assert_close(again, hier_forward(HierFluxTransformer(model, backend="reference"), plan, later),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "16384"])
+def test_bad_ff_chunk_tokens_is_refused_with_the_rule(value):
+    with pytest.raises(ValueError, match=r"ff_chunk_tokens=.* must be None \(no chunking\) or a whole number >= 1"):
+        HierFluxTransformer(tiny_flux(), backend="reference", ff_chunk_tokens=value)

@@ -125,6 +125,9 @@ def test_skip_beyond_the_resolved_steps_is_refused():
     ("text_tokens", 100, "multiple of block_tokens"),
     ("vae_tile_px", 100, "multiple of 64"),
     ("lora_path", "/nonexistent/guide.safetensors", "does not exist"),
+    ("ff_chunk_tokens", 0, r"ff_chunk_tokens=0 must be a whole number >= 1"),
+    ("ff_chunk_tokens", 2.5, r"ff_chunk_tokens=2.5 must be a whole number"),
+    ("ff_chunk_tokens", True, r"ff_chunk_tokens=True must be a whole number"),
 ])
 def test_bad_settings_raise_with_the_value(field, value, words):
     with pytest.raises(ValueError, match=words):

@@ -116,6 +116,28 @@ def test_python_api_runs_steps_k_to_n_and_is_deterministic(monkeypatch):
     torch.testing.assert_close(second.latents, first.latents, rtol=0, atol=0)
 
 
+def test_ff_chunk_tokens_reaches_the_hierarchical_pass_and_keeps_the_latents(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    chunks = []
+    forward = HierFluxTransformer.forward
+
+    def recording(self, *args, **kwargs):
+        chunks.append(self.ff_chunk_tokens)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(HierFluxTransformer, "forward", recording)
+    for name, extra in [("plain", []), ("chunked", ["--ff-chunk-tokens", "100"])]:  # 1024 hires tokens: 11 chunks
+        assert generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--out",
+                        str(tmp_path / f"{name}.png"), *extra) == 0
+    assert chunks == [None, None, 100, 100]  # hires steps 1 and 2 of 3
+    assert json.loads((tmp_path / "chunked.json").read_text())["config"]["ff_chunk_tokens"] == 100
+    plain, chunked = (load_file(tmp_path / f"{n}.latent.safetensors") for n in ("plain", "chunked"))
+    assert plain.keys() == chunked.keys()
+    for key in plain:
+        torch.testing.assert_close(chunked[key], plain[key], rtol=1e-5, atol=1e-5)
+
+
 # --- bad input: exit 2, one line on stderr, nothing written ----------------------------------------------------------
 def _lora_file(tmp_path, rho: int, trained: bool = False):
     from ultragen.flux.lora import LoraMetadata, add_guide_lora, save_guide_lora
@@ -166,6 +188,7 @@ BAD = {
     "real model offline": (["--model", "black-forest-labs/FLUX.1-dev"], "hf download"),
     "guidance on a bad value": (["--guidance", "-1"], "guidance_scale=-1.0"),
     "fp8 on the CPU": (["--fp8"], "needs a CUDA GPU"),
+    "feed-forward chunk of 0 tokens": (["--ff-chunk-tokens", "0"], "ff_chunk_tokens=0 must be a whole number >= 1"),
 }
 
 

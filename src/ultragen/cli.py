@@ -63,6 +63,9 @@ def _add_bench_parser(commands) -> None:
     step.add_argument("--precisions", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"],
                       help="linear-layer precisions to measure (default: both; fp8 needs torchao and sm89+)")
     step.add_argument("--no-dense", action="store_true", help="hierarchical only")
+    step.add_argument("--ff-chunk-tokens", type=whole_number, nargs="+", default=[], metavar="N",
+                      help="also measure each hierarchical step with the feed-forward over chunks of N tokens, "
+                           "e.g. 16384 (default: unchunked only; chunking is not yet measured on a GPU)")
     step.add_argument("--dense-compile-max-px", type=whole_number, default=8192,
                       help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
     step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
@@ -89,7 +92,8 @@ def run_bench_step(args: argparse.Namespace) -> int:
 
     run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
                    precisions=args.precisions, dense=not args.no_dense,
-                   dense_compile_max_px=args.dense_compile_max_px, on_row=save)
+                   dense_compile_max_px=args.dense_compile_max_px, on_row=save,
+                   ff_chunk_tokens=[None, *args.ff_chunk_tokens])
     print(f"wrote {path}")
     return 0
 
@@ -154,6 +158,9 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
     gen.add_argument("--compile", action="store_true", help="torch.compile the hierarchical blocks (GPU)")
     gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
+    gen.add_argument("--ff-chunk-tokens", type=whole_number, metavar="N",
+                     help="feed-forward over chunks of N tokens, less activation memory at 8K, e.g. 16384 "
+                          "(default: off; not yet measured on a GPU)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
@@ -174,6 +181,7 @@ def run_generate(args: argparse.Namespace) -> int:
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
         cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
+        ff_chunk_tokens=args.ff_chunk_tokens,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)

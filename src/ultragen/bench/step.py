@@ -4,7 +4,8 @@ The real FLUX.1-dev architecture with random bf16 weights, batch 1, text 512. De
 cuDNN SDPA over the plain FLUX sequence. Hierarchical: ``HierFluxTransformer`` with each attention backend, the
 guide cache warm (its one pass per image is not a step). Each configuration eager and compiled (regional
 ``torch.compile`` of the blocks), then the same with FP8 linears (torchao), whose step output is also compared with
-the bf16 one (relative L2 error). Times are CUDA-event medians after a warm-up call.
+the bf16 one (relative L2 error). Times are CUDA-event medians after a warm-up call. Optionally the hierarchical
+step again with the feed-forward chunked over tokens (``ff_chunk_tokens``, one variant per chunk size).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ultragen.bench.models import FLUX1_DEV, random_flux, random_inputs
 from ultragen.flux import HierFluxTransformer
+from ultragen.flux.blocks import check_ff_chunk_tokens
 from ultragen.flux.fp8 import fp8_unavailable, quantize_blocks_fp8
 from ultragen.layout import make_layout
 from ultragen.policy import build_plan
@@ -37,6 +39,7 @@ class StepRow:
     s_per_step: float
     peak_gb: float
     rel_err_vs_bf16: float | None = None
+    ff_chunk_tokens: int | None = None  # hierarchical feed-forward over token chunks of this size; None: unchunked
 
 
 def _sync() -> None:
@@ -110,8 +113,9 @@ def _measure(label: dict, fn: Callable[[], torch.Tensor], repeats: int, log) -> 
         log(f"{label}: failed: {type(error).__name__}: {str(error)[:300]}")
         return None, None
     row = StepRow(**label, s_per_step=seconds, peak_gb=_peak_gb())
+    chunk = f" ff_chunk={row.ff_chunk_tokens}" if row.ff_chunk_tokens is not None else ""
     log(f"{row.size:>10} {row.mode:<5} {row.backend:<12} compile={row.compile!s:<5} fp8={row.fp8!s:<5} "
-        f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB")
+        f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB{chunk}")
     return row, out
 
 
@@ -120,10 +124,14 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                    dense: bool = True,
                    dense_compile_max_px: int = 8192, repeats: int = 2, log=print, config: dict = FLUX1_DEV,
                    device: str = "cuda", text_tokens: int = 512, block_tokens: int = 128,
-                   window_tokens: int = 16, on_row: Callable[[list[StepRow]], None] | None = None) -> list[StepRow]:
+                   window_tokens: int = 16, on_row: Callable[[list[StepRow]], None] | None = None,
+                   ff_chunk_tokens: Sequence[int | None] = (None,)) -> list[StepRow]:
     """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again.
     ``on_row(rows)`` is called after every measurement (to save partial results of a long run).
+    ``ff_chunk_tokens``: the hierarchical variants to measure (None: unchunked; N: feed-forward over N-token chunks).
     (``config``, ``device`` and the geometry arguments exist for a CPU smoke run with a tiny model.)"""
+    for chunk in ff_chunk_tokens:
+        check_ff_chunk_tokens(chunk)  # before the model loads
     model = random_flux(config, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     rows: list[StepRow] = []
     reference: dict[str, torch.Tensor] = {}
@@ -137,19 +145,21 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
         for compiled in compile_modes:
             hiers = {}
             for backend in backends:
-                hiers[backend] = HierFluxTransformer(model, backend=backend)
-                if compiled:
-                    hiers[backend].compile_blocks()
+                for chunk in ff_chunk_tokens:
+                    hiers[backend, chunk] = HierFluxTransformer(model, backend=backend, ff_chunk_tokens=chunk)
+                    if compiled:
+                        hiers[backend, chunk].compile_blocks()
             if compiled and dense:
                 model.compile_repeated_blocks(dynamic=False)
             for size in sizes_px:
                 name = f"{size}x{size}"
-                for backend, hier in hiers.items():
-                    label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8)
+                for (backend, chunk), hier in hiers.items():
+                    label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8,
+                                 ff_chunk_tokens=chunk)
                     row, out = _measure(label, _hier_call(hier, size, text_tokens, block_tokens, window_tokens), repeats, log)
                     if row is None:
                         continue
-                    key = f"{name}/{backend}/{compiled}"
+                    key = f"{name}/{backend}/{compiled}/{chunk}"
                     if not use_fp8:
                         reference[key] = out.float().cpu()
                     elif key in reference:

@@ -10,6 +10,22 @@ the stock blocks do, with three differences that the method needs:
   length is carried explicitly (diffusers' single block infers it from a concatenation).
 
 Tensors are (B, tokens, dim) unless said otherwise; q, k, v are (B, heads, tokens, head_dim).
+
+``ff_chunk_tokens`` (default None: off) runs the per-token work after attention (output projection, norm,
+feed-forward or MLP, residual) over chunks of at most that many tokens of each stream that has more, and
+concatenates the results: the wide hidden activations then exist for one chunk at a time. Every step of that work is
+per token, so the result is the same up to the float rounding of matmuls of another size. The double block's text
+stream (at most 512 tokens) is never chunked; the single block chunks text and hires together, as it computes them.
+
+Memory at 8192x8192 (an estimate from the shapes, not a measurement): FLUX.1 has N = 262,144 hires tokens of width
+3072, so one (B=1, N, 3072) bf16 tensor is U = 1.6 GB. Unchunked, the single block holds its MLP activation (4U), the
+concatenation with the attention output (5U) and the output projection (1U) at once: about 10U = 16 GB. The double
+block's hires stream holds the feed-forward's hidden before and after the GELU (4U + 4U) with the projected attention
+output, the residual and the normed input (3U): about 11U = 18 GB. Chunked at c tokens these shrink to c/N of that
+plus about 2U for the chunk outputs and their concatenation; at c = 16,384 (N/16) about 3 GB, so each block's
+transient after attention falls by about 13 GB (single) and 14.5 GB (double). The blocks run one at a time, so that is
+the most the step peak can fall; how much it does depends on what peaks next (attention's q, k, v copies) and,
+compiled, on how inductor plans its buffers.
 """
 
 from __future__ import annotations
@@ -60,6 +76,25 @@ def feed_forward(ff: nn.Module, x: torch.Tensor, adapted: bool) -> torch.Tensor:
     return h
 
 
+def check_ff_chunk_tokens(value) -> None:
+    """Raise ValueError unless ``value`` is a valid ``ff_chunk_tokens``: None (off) or a whole number >= 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"ff_chunk_tokens={value!r} must be None (no chunking) or a whole number >= 1 of tokens per "
+                         f"chunk, e.g. 16384")
+
+
+def _token_chunked(fn: Callable[..., torch.Tensor], chunk_tokens: int | None, tokens: tuple[torch.Tensor, ...],
+                   *args, **kwargs) -> torch.Tensor:
+    """``fn(*tokens, *args, **kwargs)`` for a per-token ``fn`` whose ``tokens`` tensors are (B, S, ...) over the same
+    S. With ``chunk_tokens`` set and S above it, ``fn`` runs on consecutive slices of at most ``chunk_tokens`` tokens
+    of each and the results are concatenated along dim 1; otherwise it is the one plain call."""
+    n = tokens[0].shape[1]
+    if chunk_tokens is None or n <= chunk_tokens:
+        return fn(*tokens, *args, **kwargs)
+    chunks = [fn(*(x[:, i : i + chunk_tokens] for x in tokens), *args, **kwargs) for i in range(0, n, chunk_tokens)]
+    return torch.cat(chunks, dim=1)
+
+
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))  # (B, S, H, D)
 
@@ -96,9 +131,11 @@ def _attention(
 
 
 def double_block(
-    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None
+    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None,
+    *, ff_chunk_tokens: int | None = None,
 ) -> Streams:
-    """diffusers ``FluxTransformerBlock.forward`` over text, hires and (optionally) guide."""
+    """diffusers ``FluxTransformerBlock.forward`` over text, hires and (optionally) guide; ``ff_chunk_tokens``:
+    see the module docstring."""
     attn = block.attn
     n_h, gate_h, shift_mlp_h, scale_mlp_h, gate_mlp_h = block.norm1(s.hires, emb=temb.main)
     n_c, gate_c, shift_mlp_c, scale_mlp_c, gate_mlp_c = block.norm1_context(s.text, emb=temb.main)
@@ -115,10 +152,12 @@ def double_block(
         h = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp.unsqueeze(1) * feed_forward(block.ff, h, adapted)
 
-    hires = image_stream(s.hires, out[:, t : t + n], gate_h, shift_mlp_h, scale_mlp_h, gate_mlp_h, adapted=False)
+    hires = _token_chunked(image_stream, ff_chunk_tokens, (s.hires, out[:, t : t + n]),
+                           gate_h, shift_mlp_h, scale_mlp_h, gate_mlp_h, adapted=False)
     guide = None
     if s.guide is not None:
-        guide = image_stream(s.guide, out[:, t + n :], gate_g, shift_mlp_g, scale_mlp_g, gate_mlp_g, adapted=True)
+        guide = _token_chunked(image_stream, ff_chunk_tokens, (s.guide, out[:, t + n :]),
+                               gate_g, shift_mlp_g, scale_mlp_g, gate_mlp_g, adapted=True)
     text = s.text + gate_c.unsqueeze(1) * attn.to_add_out(out[:, :t])
     h = block.norm2_context(text) * (1 + scale_mlp_c[:, None]) + shift_mlp_c[:, None]
     text = text + gate_mlp_c.unsqueeze(1) * feed_forward(block.ff_context, h, adapted=False)
@@ -128,9 +167,11 @@ def double_block(
 
 
 def single_block(
-    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None
+    block: nn.Module, s: Streams, temb: Temb, rope: Rope, attention: AttentionFn, guide_kv: GuideKV | None = None,
+    *, ff_chunk_tokens: int | None = None,
 ) -> Streams:
-    """diffusers ``FluxSingleTransformerBlock.forward`` over text + hires (one modulation) and the guide."""
+    """diffusers ``FluxSingleTransformerBlock.forward`` over text + hires (one modulation) and the guide;
+    ``ff_chunk_tokens``: see the module docstring."""
     attn = block.attn
     t = s.text.shape[1]
     main = torch.cat([s.text, s.hires], dim=1)
@@ -146,8 +187,8 @@ def single_block(
         y = x + gate.unsqueeze(1) * linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), adapted)
         return y.clip(-65504, 65504) if y.dtype == torch.float16 else y
 
-    main = stream(main, n_m, out[:, : main.shape[1]], gate_m, adapted=False)
+    main = _token_chunked(stream, ff_chunk_tokens, (main, n_m, out[:, : main.shape[1]]), gate_m, adapted=False)
     guide = None
     if s.guide is not None:
-        guide = stream(s.guide, n_g, out[:, main.shape[1] :], gate_g, adapted=True)
+        guide = _token_chunked(stream, ff_chunk_tokens, (s.guide, n_g, out[:, main.shape[1] :]), gate_g, adapted=True)
     return Streams(main[:, :t].contiguous(), main[:, t:], guide)  # one text layout for every block: no recompiles

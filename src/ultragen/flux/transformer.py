@@ -13,7 +13,16 @@ from torch.utils.checkpoint import checkpoint
 from ultragen.attention import Backend, attend, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
-from ultragen.flux.blocks import GuideKV, Rope, Streams, Temb, double_block, linear, single_block
+from ultragen.flux.blocks import (
+    GuideKV,
+    Rope,
+    Streams,
+    Temb,
+    check_ff_chunk_tokens,
+    double_block,
+    linear,
+    single_block,
+)
 from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.flux.rope import flux_rope
 from ultragen.layout import Segment
@@ -49,11 +58,13 @@ class HierFluxTransformer(nn.Module):
     ``backend``: attention backend name (``ultragen.attention.Backend``). ``ntk_factor``: RoPE NTK factor (paper:
     10 for FLUX.1; 1 reproduces the stock model). ``cache_guide``: when the plan's guide attends only to itself,
     compute its per-layer keys and values once and reuse them while the guide latent, pooled prompt, guidance and
-    LoRA stay the same (never while gradients are on).
+    LoRA stay the same (never while gradients are on). ``ff_chunk_tokens``: run each block's per-token work after
+    attention (feed-forward / MLP) over chunks of at most this many tokens to cut activation memory at 8K (None: off;
+    ``ultragen.flux.blocks`` has the estimate; not yet measured on a GPU).
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
-                 cache_guide: bool = True):
+                 cache_guide: bool = True, ff_chunk_tokens: int | None = None):
         super().__init__()
         if getattr(transformer.config, "patch_size", 1) != 1:
             raise ValueError(f"patch_size={transformer.config.patch_size} is not supported; FLUX.1 models use 1")
@@ -63,6 +74,8 @@ class HierFluxTransformer(nn.Module):
             raise ValueError(f"ntk_factor={ntk_factor} must be > 0 (1: stock RoPE; the paper uses 10 for FLUX.1)")
         self.ntk_factor = float(ntk_factor)
         self.cache_guide = cache_guide
+        check_ff_chunk_tokens(ff_chunk_tokens)
+        self.ff_chunk_tokens = ff_chunk_tokens
         self.gradient_checkpointing = False
         self._compiled: dict | None = None
         self._rope: tuple[AttentionPlan, torch.device, float, Rope] | None = None
@@ -225,15 +238,18 @@ class HierFluxTransformer(nn.Module):
             return attend_within(q, k, v, plan, Segment.GUIDE)
 
         streams, temb = Streams(empty, empty, g), Temb(temb_guide, temb_guide)
+        chunk = self.ff_chunk_tokens
         for block in tr.transformer_blocks:
-            streams = double_block(block, streams, temb, rope_guide, attention)
+            streams = double_block(block, streams, temb, rope_guide, attention, ff_chunk_tokens=chunk)
         for block in tr.single_transformer_blocks:
-            streams = single_block(block, streams, temb, rope_guide, attention)
+            streams = single_block(block, streams, temb, rope_guide, attention, ff_chunk_tokens=chunk)
         return kv
 
     def _run(self, fn, block, streams: Streams, temb: Temb, rope: Rope, attention, guide_kv) -> Streams:
+        chunk = self.ff_chunk_tokens
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, block, streams, temb, rope, attention, guide_kv, use_reentrant=False)
+            return checkpoint(fn, block, streams, temb, rope, attention, guide_kv, use_reentrant=False,
+                              ff_chunk_tokens=chunk)
         if self._compiled is not None:
             fn = self._compiled[fn]
-        return fn(block, streams, temb, rope, attention, guide_kv)
+        return fn(block, streams, temb, rope, attention, guide_kv, ff_chunk_tokens=chunk)

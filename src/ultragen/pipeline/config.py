@@ -89,6 +89,7 @@ class GenerationConfig:
     offload_text_encoders: bool = False
     compile_blocks: bool = False  # torch.compile the hierarchical blocks (one compile per resolution)
     fp8: bool = False  # FP8 weights and activations in the transformer blocks (CUDA, compute capability 8.9+)
+    ff_chunk_tokens: int | None = None  # feed-forward over token chunks of this size (less memory at 8K); None: off
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -195,6 +196,8 @@ def _validate(c: GenerationConfig) -> None:
     _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
     if c.text_tokens is not None:
         _check_int("text_tokens", c.text_tokens, 1, MAX_TEXT_TOKENS)
+    if c.ff_chunk_tokens is not None:
+        _check_int("ff_chunk_tokens", c.ff_chunk_tokens, 1)
     if c.vae_tile_px is not None and (not isinstance(c.vae_tile_px, int) or c.vae_tile_px < 128
                                       or c.vae_tile_px % 64):
         raise ValueError(f"vae_tile_px={c.vae_tile_px!r} must be a multiple of 64 px, at least 128 (e.g. 512)")

@@ -240,10 +240,10 @@ class UltraGenPipeline:
     # --- stages ----------------------------------------------------------------------------------------------------
     def _hierarchical(self, config: GenerationConfig) -> HierFluxTransformer:
         """The hierarchical wrapper for these settings; kept across calls so compiled blocks are reused."""
-        key = (config.backend, config.ntk_factor, config.compile_blocks)
+        key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens)
         if self._hier is None or self._hier[0] != key:
             hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
-                                       cache_guide=True)
+                                       cache_guide=True, ff_chunk_tokens=config.ff_chunk_tokens)
             if config.compile_blocks:
                 hier.compile_blocks()
                 # stage A runs the stock blocks through diffusers: compile them too (regional, in place; the
