@@ -244,3 +244,12 @@ def test_window_first_latents_come_back_to_the_requested_top_left_region():
     back = _crop(unpack(layout.hires_to_raster(sequence), layout.padded_height_px, layout.padded_width_px), layout)
     assert back.shape[-2:] == (layout.height_px // 8, layout.width_px // 8)
     assert torch.equal(back, canvas[:, :, : layout.height_px // 8, : layout.width_px // 8])
+
+
+def test_a_policy_file_is_a_setting_and_what_a_lora_must_match(tmp_path):
+    path = tmp_path / "halo0.json"
+    path.write_text('{"base": "default", "hires_halo_tokens": 0}')
+    config = GenerationConfig(height_px=512, width_px=512, policy=str(path))
+    assert config.lora_expectation("tiny-random").policy["hires_halo_tokens"] == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        GenerationConfig(height_px=512, width_px=512, policy=str(tmp_path / "nope.json"))

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ultragen.layout import InWindowOrder, make_layout
-from ultragen.policy import PRESETS, build_plan
+from ultragen.policy import POLICY_HELP, build_plan
 from ultragen.summary import format_summary, plan_summary
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--rho", type=whole_number, default=4, help="guide downscale per axis (default 4)")
     plan.add_argument("--window", type=whole_number, default=16, help="window side in tokens (default 16)")
     plan.add_argument("--text-len", type=whole_number, default=512, help="prompt tokens (FLUX.1-dev: 512)")
-    plan.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    plan.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     plan.add_argument("--order", choices=[o.name.lower() for o in InWindowOrder], default="raster",
                       help="token order inside a window")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -145,7 +145,7 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--guide-guidance", type=float, help="stage-A guidance embedding (dev: 3.5)")
     gen.add_argument("--rho", type=whole_number, default=4, help="guide downscale per side (default 4)")
     gen.add_argument("--window", type=whole_number, default=16, help="window side in tokens (default 16)")
-    gen.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    gen.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     gen.add_argument("--backend", default="auto", help="attention backend (default auto)")
     gen.add_argument("--shift", type=float, help="static shift of the hires schedule (default: the model's)")
     gen.add_argument("--sharpen", type=float, default=0.5, help="warm-start unsharp-mask strength (default 0.5)")
@@ -247,7 +247,7 @@ def _add_testbed_parser(commands) -> None:
     ev.add_argument("--steps", type=whole_number, default=20, help="sampling steps N (default 20)")
     ev.add_argument("--warm-start-skip", type=int, default=7, help="k of N steps skipped by warm start (default 7)")
     ev.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    ev.add_argument("--policy", default="default", help=f"attention policy preset: {', '.join(sorted(PRESETS))}")
+    ev.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     ev.add_argument("--lora", help="guide LoRA for the windows+guide+lora rows")
     ev.add_argument("--strategies", nargs="+", choices=TESTBED_STRATEGIES, default=list(TESTBED_STRATEGIES),
                     help="strategies to run, each with and without warm start (default: all)")

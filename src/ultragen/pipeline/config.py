@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ultragen.attention import parse_backend
 from ultragen.layout import HierLayout, make_layout
-from ultragen.policy import PRESETS
+from ultragen.policy import get_policy
 
 MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context (diffusers' FluxPipeline refuses more)
 MAX_CASCADE_LEVELS = 3  # 3 hierarchical passes at rho 4 is 64x the pixels of the guide: already absurd
@@ -119,9 +119,9 @@ class GenerationConfig:
         """The ``LoraMetadata`` a guide LoRA must have been trained under to be used by this run."""
         from ultragen.flux.lora import LoraMetadata
         from ultragen.pipeline.loading import normalise_model
-        from ultragen.policy import get_policy
 
-        return LoraMetadata(base_model=normalise_model(model or self.model), policy=get_policy(self.policy).to_dict(), rho=self.rho,
+        return LoraMetadata(base_model=normalise_model(model or self.model), policy=get_policy(self.policy).to_dict(),
+                            rho=self.rho,
                             guide_offset_tokens=self.layouts()[-1].guide_offset_tokens, ntk_factor=self.ntk_factor,
                             window_tokens=self.window_tokens)
 
@@ -186,8 +186,7 @@ def _validate(c: GenerationConfig) -> None:
         raise ValueError(f"rho={c.rho!r} must be a whole number >= 2 (the guide is rho times smaller per side)")
     _check_int("window_tokens", c.window_tokens, 1)
     _check_int("cascade_levels", c.cascade_levels, 1, MAX_CASCADE_LEVELS)
-    if c.policy not in PRESETS:
-        raise ValueError(f"unknown attention policy {c.policy!r}; choose one of {sorted(PRESETS)}")
+    get_policy(c.policy)  # a preset or a readable policy file; raises with the fix
     parse_backend(c.backend)
     if c.shift is not None:
         _check_float("shift", c.shift, 0.0, 100.0, low_open=True)
