@@ -127,10 +127,11 @@ def test_ff_chunk_tokens_reaches_the_hierarchical_pass_and_keeps_the_latents(tmp
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(HierFluxTransformer, "forward", recording)
-    for name, extra in [("plain", []), ("chunked", ["--ff-chunk-tokens", "100"])]:  # 1024 hires tokens: 11 chunks
+    for name, extra in [("plain", ["--ff-chunk-tokens", "0"]), ("default", []),
+                        ("chunked", ["--ff-chunk-tokens", "100"])]:  # 1024 hires tokens: 11 chunks
         assert generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--out",
                         str(tmp_path / f"{name}.png"), *extra) == 0
-    assert chunks == [None, None, 100, 100]  # hires steps 1 and 2 of 3
+    assert chunks == [None, None, 16384, 16384, 100, 100]  # hires steps 1 and 2 of 3; 0 turns it off
     assert json.loads((tmp_path / "chunked.json").read_text())["config"]["ff_chunk_tokens"] == 100
     plain, chunked = (load_file(tmp_path / f"{n}.latent.safetensors") for n in ("plain", "chunked"))
     assert plain.keys() == chunked.keys()
@@ -188,7 +189,7 @@ BAD = {
     "real model offline": (["--model", "black-forest-labs/FLUX.1-dev"], "hf download"),
     "guidance on a bad value": (["--guidance", "-1"], "guidance_scale=-1.0"),
     "fp8 on the CPU": (["--fp8"], "needs a CUDA GPU"),
-    "feed-forward chunk of 0 tokens": (["--ff-chunk-tokens", "0"], "ff_chunk_tokens=0 must be a whole number >= 1"),
+    "feed-forward chunk of -1 tokens": (["--ff-chunk-tokens", "-1"], "ff_chunk_tokens=-1 must be a whole number >= 1"),
 }
 
 

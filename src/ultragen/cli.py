@@ -158,9 +158,9 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
     gen.add_argument("--compile", action="store_true", help="torch.compile the hierarchical blocks (GPU)")
     gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
-    gen.add_argument("--ff-chunk-tokens", type=whole_number, metavar="N",
-                     help="feed-forward over chunks of N tokens, less activation memory at 8K, e.g. 16384 "
-                          "(default: off; not yet measured on a GPU)")
+    gen.add_argument("--ff-chunk-tokens", type=int, metavar="N", default=16384,
+                     help="feed-forward over chunks of N tokens: less activation memory at 8K, and what lets --fp8 "
+                          "run there on 80 GB (default 16384; 0: off)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
@@ -181,7 +181,7 @@ def run_generate(args: argparse.Namespace) -> int:
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
         cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
-        ff_chunk_tokens=args.ff_chunk_tokens,
+        ff_chunk_tokens=args.ff_chunk_tokens or None,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)
