@@ -140,15 +140,23 @@ def test_policy_file_with_every_field_round_trips(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
-    ("{not json", "not valid JSON"),
+    ("{not json", "not readable JSON"),
     ("[1, 2]", "JSON object"),
     ('{"base": "wide"}', "base='wide' is not a preset"),
     ('{"base": "default", "hires_halo": 3}', "unknown attention policy keys"),
     ('{"base": "default", "hires_to_hires": "sometimes"}', "is not a reach"),
+    ('{"base": ["default"]}', "is not a preset"),
+    ('{"base": "default", "guide_radius_tokens": "2"}', "guide_radius_tokens='2' must be a whole number"),
+    ('{"base": "default", "hires_halo_tokens": 2.5}', "hires_halo_tokens=2.5 must be a whole number"),
+    ('{"base": "default", "hires_halo_tokens": true}', "hires_halo_tokens=True must be a whole number"),
+    ('{"base": "default", "guide_margin_tokens": [1.7, 2]}', "must be two whole numbers"),
+    ("DIR", "is not a file"),
 ])
 def test_bad_policy_files_teach(tmp_path, content, message):
     path = tmp_path / "bad.json"
-    if content is not None:
+    if content == "DIR":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
         get_policy(str(path))

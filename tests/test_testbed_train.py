@@ -1,5 +1,6 @@
 """Testbed training (resumable, deterministic), sampling with every strategy, evaluation and the CLI (CPU)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -91,6 +92,13 @@ def test_guide_lora_chain_on_testbed_data(tmp_path):
                             sampler=SamplerSettings(steps=2, warm_start_skip=1))
     record, _ = evaluate(run, settings, progress=False, log=_quiet)
     assert [r["strategy"] for r in record["rows"]][-2:] == ["windows+guide+lora"] * 2 and not record["missing"]
+    assert record["settings"]["policy"]["name"] == "default"
+    other = dataclasses.replace(settings, sampler=SamplerSettings(steps=2, warm_start_skip=1, policy="authors-code"))
+    mismatch = r"other settings than this evaluation \(policy\.guide_margin_tokens: LoRA None, run \[0, 4\]"
+    with pytest.raises(ValueError, match=mismatch):
+        evaluate(run, other, progress=False, log=_quiet)  # a LoRA is evaluated only under the policy it learnt
+    with pytest.raises(ValueError, match="unknown attention policy 'wide'"):
+        SamplerSettings(policy="wide")  # before any model loads
 
 
 def test_cli_strategy_names_match_the_enum():

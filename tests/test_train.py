@@ -249,20 +249,28 @@ def test_generated_training_images(tmp_path):
     assert (tmp_path / "cache" / "images" / "000002.txt").read_text().strip() == "a red circle"
 
 
-def test_validation_samples_through_the_generation_pipeline(tmp_path):
+def test_validation_samples_through_the_generation_pipeline(tmp_path, caplog):
     images = make_images(tmp_path / "images", 2, size=(520, 512))
     prepare_cache(prepare_config(images, tmp_path / "cache", size_px=512, window_tokens=16, block_tokens=128), **quiet)
     prompts = tmp_path / "val.txt"
     prompts.write_text("a red circle\n")
-    result = train(train_config(tmp_path / "cache", tmp_path / "run", steps=1, validate_every=1, val_items=1,
-                                validate_prompts=str(prompts)), **quiet)
+    with caplog.at_level("WARNING", logger="ultragen.pipeline.two_stage"):
+        result = train(train_config(tmp_path / "cache", tmp_path / "run", steps=1, validate_every=1, val_items=1,
+                                    validate_prompts=str(prompts)), **quiet)
+    assert "no guide LoRA loaded" not in caplog.text  # the samples run with the LoRA being trained
     assert sorted(p.name for p in (result.run_dir / "samples").iterdir()) == ["step-000000-00.png",
                                                                               "step-000001-00.png"]
 
 
-def test_train_config_takes_a_policy_file_and_refuses_a_missing_one(tmp_path):
+def test_train_config_records_a_policy_file_by_its_fields(tmp_path):
     path = tmp_path / "halo0.json"
     path.write_text('{"base": "default", "hires_halo_tokens": 0}')
-    assert train_config(tmp_path, tmp_path / "run", policy=str(path)).policy == str(path)
+    config = train_config(tmp_path, tmp_path / "run", policy=str(path))
+    assert config.policy == get_policy(str(path)).to_dict() and config.policy["hires_halo_tokens"] == 0
+    path.unlink()  # the record needs no file: a run resumes anywhere
+    assert TrainConfig.from_record(config.to_record()) == config
+    path.write_text('{"base": "default", "hires_halo_tokens": 2}')  # an edited file is another policy
+    assert train_config(tmp_path, tmp_path / "run", policy=str(path)).differences(config) == [
+        f"policy: checkpoint {config.policy!r}, now {get_policy(str(path)).to_dict()!r}"]
     with pytest.raises(ValueError, match="policy file .*nope.json' does not exist"):
         train_config(tmp_path, tmp_path / "run", policy=str(tmp_path / "nope.json"))

@@ -41,6 +41,10 @@ class Reach(str, Enum):
     ALL = "all"
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class AttentionPolicy:
     """The attention pattern of the hierarchical forward, one reach per (query segment, key segment) pair.
@@ -83,15 +87,17 @@ class AttentionPolicy:
             if reach not in choices:
                 raise ValueError(f"{name}={reach.value!r} is not supported; use one of {[c.value for c in choices]}")
             object.__setattr__(self, name, reach)
-        if self.hires_halo_tokens is not None and self.hires_halo_tokens < 0:
-            raise ValueError(f"hires_halo_tokens={self.hires_halo_tokens} must be >= 0 (0: own window only)")
+        if self.hires_halo_tokens is not None and not _whole(self.hires_halo_tokens):
+            raise ValueError(f"hires_halo_tokens={self.hires_halo_tokens!r} must be a whole number >= 0 (0: own window "
+                             f"only) or None (half a window)")
         if self.guide_margin_tokens is not None:
-            margin = tuple(int(m) for m in self.guide_margin_tokens)
-            if len(margin) != 2 or min(margin) < 0:
-                raise ValueError(f"guide_margin_tokens={self.guide_margin_tokens} must be two numbers >= 0 (rows, cols)")
+            margin = tuple(self.guide_margin_tokens) if isinstance(self.guide_margin_tokens, (list, tuple)) else ()
+            if len(margin) != 2 or not all(_whole(m) for m in margin):
+                raise ValueError(f"guide_margin_tokens={self.guide_margin_tokens!r} must be two whole numbers >= 0 "
+                                 f"(rows, cols) or None (one window's footprint)")
             object.__setattr__(self, "guide_margin_tokens", margin)
-        if self.guide_radius_tokens < 0:
-            raise ValueError(f"guide_radius_tokens={self.guide_radius_tokens} must be >= 0")
+        if not _whole(self.guide_radius_tokens):
+            raise ValueError(f"guide_radius_tokens={self.guide_radius_tokens!r} must be a whole number >= 0")
 
     @property
     def guide_isolated(self) -> bool:
@@ -214,12 +220,18 @@ POLICY_HELP = (f"attention policy: a preset ({', '.join(sorted(PRESETS))}) or a 
                'e.g. {"base": "default", "hires_halo_tokens": 0}')
 
 
-def get_policy(name_or_policy: str | AttentionPolicy, **overrides) -> AttentionPolicy:
-    """A preset by name (``default``, ``authors-code``, ``paper-v1``, ``dense``) or a policy file, optionally with
-    fields replaced. A policy file (``*.json``) holds :meth:`AttentionPolicy.to_dict` fields, or ``"base"`` (a
-    preset name) and the fields that differ from it; unnamed file policies are named after the file."""
+def get_policy(name_or_policy: str | dict | AttentionPolicy, **overrides) -> AttentionPolicy:
+    """A preset by name (``default``, ``authors-code``, ``paper-v1``, ``dense``), a policy file or a policy's
+    :meth:`AttentionPolicy.to_dict`, optionally with fields replaced. A policy file (``*.json``) holds
+    ``to_dict`` fields, or ``"base"`` (a preset name) and the fields that differ from it; unnamed file policies are
+    named after the file."""
     if isinstance(name_or_policy, AttentionPolicy):
         policy = name_or_policy
+    elif isinstance(name_or_policy, dict):
+        policy = AttentionPolicy.from_dict(name_or_policy)
+    elif not isinstance(name_or_policy, str):
+        raise ValueError(  # noqa: TRY004 - bad user input: ValueError, which the CLI reports in one line
+            f"policy={name_or_policy!r}: pass a preset name, a .json file or an AttentionPolicy")
     elif name_or_policy in PRESETS:
         policy = PRESETS[name_or_policy]
     elif str(name_or_policy).endswith(".json"):
@@ -231,22 +243,24 @@ def get_policy(name_or_policy: str | AttentionPolicy, **overrides) -> AttentionP
 
 
 def _policy_file(path: Path) -> AttentionPolicy:
+    if not path.is_file():
+        raise ValueError(f"policy file {str(path)!r} does not exist or is not a file; pass a preset name or a "
+                         f".json file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"policy file {str(path)!r} does not exist; pass a preset name or an existing .json file") \
-            from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"policy file {str(path)!r} is not valid JSON ({error}); fix it") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"policy file {str(path)!r} must hold a JSON object of policy fields, got {type(data).__name__}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"policy file {str(path)!r} is not readable JSON ({error}); fix it") from None
+    if not isinstance(data, dict):  # bad user input: ValueError, which the CLI reports in one line
+        raise ValueError(f"policy file {str(path)!r} must hold a JSON object of policy fields, got "  # noqa: TRY004
+                         f"{type(data).__name__}")
     data = {"name": path.stem} | data
     base = data.pop("base", None)
-    if base is None:
-        return AttentionPolicy.from_dict(data)
-    if base not in PRESETS:
+    if base is not None and (not isinstance(base, str) or base not in PRESETS):
         raise ValueError(f"policy file {str(path)!r}: base={base!r} is not a preset; choose one of {sorted(PRESETS)}")
-    return AttentionPolicy.from_dict(PRESETS[base].to_dict() | data)
+    try:
+        return AttentionPolicy.from_dict(data if base is None else PRESETS[base].to_dict() | data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"policy file {str(path)!r}: {error}") from None
 
 
 # --- rectangle helpers: rects are (..., 4) int64 (row0, row1, col0, col1), inclusive ---------------------------

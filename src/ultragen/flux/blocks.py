@@ -25,7 +25,8 @@ output, the residual and the normed input (3U): about 11U = 18 GB. Chunked at c 
 plus about 2U for the chunk outputs and their concatenation; at c = 16,384 (N/16) about 3 GB, so each block's
 transient after attention falls by about 13 GB (single) and 14.5 GB (double). The blocks run one at a time, so that is
 the most the step peak can fall; how much it does depends on what peaks next (attention's q, k, v copies) and,
-compiled, on how inductor plans its buffers.
+compiled, on how inductor plans its buffers. Measured (H100, eager, 8K): the step peak fell only 1.5 GB (64.7 to
+63.2 GB), at no cost in time: attention's transients, not the feed-forward, set the peak.
 """
 
 from __future__ import annotations

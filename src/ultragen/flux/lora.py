@@ -65,12 +65,15 @@ class LoraMetadata:
     _COMPARED = ("base_model", "policy", "rho", "guide_offset_tokens", "ntk_factor", "window_tokens")
 
     def mismatches(self, run: LoraMetadata) -> list[str]:
-        """'field: lora X, run Y' for every setting that differs."""
-        return [
-            f"{name}: LoRA {getattr(self, name)!r}, run {getattr(run, name)!r}"
-            for name in self._COMPARED
-            if getattr(self, name) != getattr(run, name)
-        ]
+        """'field: lora X, run Y' for every setting that differs (a policy by its fields, not its name)."""
+        out = []
+        for name in self._COMPARED:
+            mine, theirs = getattr(self, name), getattr(run, name)
+            if name == "policy":
+                out += policy_mismatches(mine, theirs)
+            elif mine != theirs:
+                out.append(f"{name}: LoRA {mine!r}, run {theirs!r}")
+        return out
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -80,6 +83,12 @@ class LoraMetadata:
     @classmethod
     def from_json(cls, text: str) -> LoraMetadata:
         return cls(**json.loads(text))
+
+
+def policy_mismatches(lora: dict, run: dict) -> list[str]:
+    """'policy.field: LoRA X, run Y' for each attention-policy field that differs; the policies' names do not count."""
+    return [f"policy.{key}: LoRA {lora.get(key)!r}, run {run.get(key)!r}"
+            for key in sorted(set(lora) | set(run)) if key != "name" and lora.get(key) != run.get(key)]
 
 
 def add_guide_lora(transformer: torch.nn.Module, rank: int = 16, alpha: float = 16.0,

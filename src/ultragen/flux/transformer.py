@@ -60,7 +60,7 @@ class HierFluxTransformer(nn.Module):
     compute its per-layer keys and values once and reuse them while the guide latent, pooled prompt, guidance and
     LoRA stay the same (never while gradients are on). ``ff_chunk_tokens``: run each block's per-token work after
     attention (feed-forward / MLP) over chunks of at most this many tokens to cut activation memory at 8K (None: off;
-    ``ultragen.flux.blocks`` has the estimate; not yet measured on a GPU).
+    the pipeline uses 16,384; measured on an H100 at 8K, eager: no cost, 1.5 GB less, and FP8 fits only chunked).
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,

@@ -23,20 +23,21 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ultragen.flux import HierFluxTransformer
+from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.layout import HierLayout
 from ultragen.pipeline.config import FAMILY_DEFAULTS, GenerationConfig, ModelDefaults, ModelFamily
 from ultragen.pipeline.decode import decode_latents, to_pil
 from ultragen.pipeline.latents import VAE_SCALE, pack, unpack
 from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
 from ultragen.pipeline.schedule import hires_scheduler
+from ultragen.pipeline.warm_start import warm_start_latent
+from ultragen.policy import build_plan
 
 log = logging.getLogger(__name__)
 NO_LORA_WARNING = (
     "no guide LoRA loaded: the hires pass reads the guide only as far as the model generalises to it untrained. On "
     "the testbed a model that never saw guide tokens ignored it completely (4x count accuracy 0.000 without a guide "
     "LoRA, 0.785 with one; bench/results/testbed-20261122.md). Train one with `ultragen train` and pass --lora.")
-from ultragen.pipeline.warm_start import warm_start_latent
-from ultragen.policy import build_plan
 
 
 @dataclass
@@ -217,7 +218,7 @@ class UltraGenPipeline:
             raise ValueError(f"prompt={prompt!r} is empty; pass a description of the image")
         generator = generator or torch.Generator("cpu").manual_seed(config.seed)
         self.prepare_weights(config)
-        if self.lora_metadata is None and not self._warned_no_lora:
+        if ADAPTER_NAME not in getattr(self.flux.transformer, "peft_config", {}) and not self._warned_no_lora:
             log.warning(NO_LORA_WARNING)
             self._warned_no_lora = True  # once per pipeline, not once per prompt
         hier = self._hierarchical(config)  # before stage A: with compile_blocks it compiles stage A's blocks too

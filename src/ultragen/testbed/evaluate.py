@@ -14,7 +14,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ultragen.flux.lora import load_guide_lora
+from ultragen.flux.lora import load_guide_lora, read_lora_metadata
+from ultragen.policy import get_policy
 from ultragen.testbed.metrics import detail_ratio, detect, guide_psnr, score, seam_ratio, to_tensor
 from ultragen.testbed.model import TestbedConfig
 from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
@@ -67,7 +68,7 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     if settings.scale != config.rho:
         raise ValueError(f"scale={settings.scale} must equal the testbed's rho={config.rho} (the base sample is the "
                          f"guide of the {config.rho}x image)")
-    lora_model = _with_lora(model, settings.lora_path)
+    lora_model = _with_lora(model, settings.lora_path, config, settings)
     scenes = [sample_scene(EVAL_SEED0 + i) for i in range(settings.prompts)]
     encoder, codec = config.text_encoder(), config.codec()
     rows: dict[str, _Run] = {"base": _Run()}
@@ -98,9 +99,19 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     return record, images
 
 
-def _with_lora(model: torch.nn.Module, path: str | None) -> torch.nn.Module | None:
+def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
+               settings: EvalSettings) -> torch.nn.Module | None:
+    """A copy of ``model`` with the guide LoRA of ``path``, refused when it was trained under another attention
+    policy, window or rho than this evaluation uses (the base model's path is not compared: runs move)."""
     if path is None:
         return None
+    meta = read_lora_metadata(path)
+    expected = replace(meta, policy=get_policy(settings.sampler.policy).to_dict(), rho=config.rho,
+                       window_tokens=config.window_tokens, ntk_factor=1.0,
+                       guide_offset_tokens=config.layout(settings.scale).guide_offset_tokens)
+    if diff := meta.mismatches(expected):
+        raise ValueError(f"LoRA {path!r} was trained under other settings than this evaluation ({'; '.join(diff)}); "
+                         f"pass the LoRA's policy with --policy")
     lora_model = copy.deepcopy(model)
     load_guide_lora(lora_model, path)
     return lora_model
@@ -153,7 +164,8 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
                       "upsampled_base_detail_ratio": detail_ratio(upsampled, truth, factor)},
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
-        "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies]},
+        "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies],
+                     "policy": get_policy(settings.sampler.policy).to_dict()},
         "prompts": [s.caption for s in scenes],
         "seconds": seconds,
         "host": {"torch": torch.__version__, "python": platform.python_version(), "model_dtype": str(dtype),

@@ -26,7 +26,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from ultragen.flux import HierFluxTransformer
 from ultragen.pipeline.schedule import hires_scheduler
 from ultragen.pipeline.warm_start import warm_start_latent
-from ultragen.policy import build_plan
+from ultragen.policy import build_plan, get_policy
 from ultragen.testbed.latent import from_tokens, to_tokens
 from ultragen.testbed.model import TestbedConfig, raster_ids
 from ultragen.testbed.text import PromptEmbeds
@@ -61,6 +61,7 @@ class SamplerSettings:
                              f"[0, steps)")
         if self.cfg_scale < 0 or self.base_shift <= 0 or self.hires_shift <= 0:
             raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 and shifts > 0")
+        get_policy(self.policy)  # a preset or a readable policy file, checked before any model loads
 
 
 def _sigmas(steps: int, skip: int, shift: float) -> torch.Tensor:

@@ -136,7 +136,7 @@ class TrainConfig:
     logit_mean: float = 0.0  # t = sigmoid(n), n ~ N(logit_mean, logit_std**2)
     logit_std: float = 1.0
     guidance: float = 1.0  # guidance embedding for guidance-distilled models (the authors train at 1.0)
-    policy: str = "default"
+    policy: str | dict = "default"  # a preset name; a policy file is stored as its fields (see __post_init__)
     ntk_factor: float = 1.0
     window_tokens: int | None = None
     block_tokens: int | None = None
@@ -159,6 +159,10 @@ class TrainConfig:
                 object.__setattr__(self, name, kind(value))
             except ValueError:
                 raise ValueError(f"{name}={value!r} is not one of {[k.value for k in kind]}") from None
+        if isinstance(self.policy, str) and self.policy.endswith(".json"):
+            # read the file once: the run records (and a resume compares) the policy itself, not a path that may
+            # move or change
+            object.__setattr__(self, "policy", get_policy(self.policy).to_dict())
         _validate(self)
 
     @property
