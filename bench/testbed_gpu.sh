@@ -25,6 +25,7 @@ ultragen() { "${ug[@]}" "$@"; }
 keep() { [ -n "$OUT" ] && cp "$@" "$OUT"/ || true; }
 
 train_lora() {  # RUN_FOLDER SECONDS POLICY: train (or resume) a guide LoRA for at most SECONDS
+  [ -f "$1/guide_lora.safetensors" ] && { echo "$1 is finished"; return 0; }
   local resume=()
   compgen -G "$1/checkpoints/step-*" >/dev/null && resume=(--resume)
   # checkpoints every 100 steps, so a stop loses little and the next call resumes
@@ -62,12 +63,13 @@ case $stage in
     keep bench/results/testbed-"$(date +%Y%m%d)".*
     ;;
   variant)
+    [ $# -eq 4 ] || { echo "usage: $0 variant POLICY.json SECONDS PROMPTS" >&2; exit 2; }
     policy=$arg name=$(basename "$arg" .json)
     train_lora "$LORA-$name" "$3" "$policy"
     out=bench/results/testbed-policy-$name-$(date +%Y%m%d).json
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" \
       --strategies windows+guide+lora --lora "$(latest_lora "$LORA-$name")" --out "$out" --grid "${out%.json}.png"
-    keep "$out"
+    keep "$out" "${out%.json}.png"
     ;;
   *)
     echo "unknown stage $stage; see the top of $0" >&2
