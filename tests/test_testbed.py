@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from ultragen.testbed.latent import LatentCodec, from_tokens, to_tokens
-from ultragen.testbed.metrics import detail_ratio, detect, guide_psnr, psnr_db, score, seam_ratio, to_tensor
+from ultragen.testbed.metrics import (
+    detail_ratio,
+    detect,
+    guide_psnr,
+    high_frequency_energy,
+    psnr_db,
+    score,
+    seam_ratio,
+    to_tensor,
+)
 from ultragen.testbed.model import PRESETS, TestbedConfig, raster_ids
 from ultragen.testbed.scenes import (
     Background,
@@ -156,6 +165,7 @@ def test_detail_ratio_is_one_for_the_truth_low_for_an_upsample_high_for_noise():
     scenes = [sample_scene(s) for s in range(4)]
     truth = torch.stack([to_tensor(render(s, 256, supersample=2)) for s in scenes])
     assert detail_ratio(truth, truth, 4) == pytest.approx(1.0)
+    assert detail_ratio(truth * 0.5, high_frequency_energy(truth, 4), 4) == pytest.approx(0.25)
     small = torch.stack([to_tensor(render(s, 64, supersample=2)) for s in scenes])
     upsampled = torch.nn.functional.interpolate(small, size=256, mode="bicubic", align_corners=False)
     assert guide_psnr(upsampled, small) > 25  # the upsample is faithful to the guide ...

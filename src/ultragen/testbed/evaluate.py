@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from ultragen.flux.lora import load_guide_lora, read_lora_metadata
 from ultragen.policy import get_policy
-from ultragen.testbed.metrics import detail_ratio, detect, guide_psnr, score, seam_ratio, to_tensor
+from ultragen.testbed.metrics import (
+    detail_ratio,
+    detect,
+    guide_psnr,
+    high_frequency_energy,
+    score,
+    seam_ratio,
+    to_tensor,
+)
 from ultragen.testbed.model import TestbedConfig
 from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
 from ultragen.testbed.scenes import Scene, render, sample_scene
@@ -144,12 +152,13 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
     hires_px = config.base_px * factor
     # the true 4x images, rendered as the training data are (2x2 supersampling): the detail reference
     truth = torch.stack([to_tensor(render(s, hires_px, supersample=2)) for s in scenes])
+    truth_energy = high_frequency_energy(truth, factor)
     rows = []
     for strategy, warm in jobs:
         out = images[_row_name(strategy, warm)]
         rows.append({"strategy": strategy.value, "warm_start": warm, **_scores(scenes, out),
                      "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base),
-                     "detail_ratio": detail_ratio(out, truth, factor)})
+                     "detail_ratio": detail_ratio(out, truth_energy, factor)})
     clean = torch.stack([to_tensor(render(s, hires_px, supersample=1)) for s in scenes[: min(8, len(scenes))]])
     upsampled = F.interpolate(base, size=hires_px, mode="bicubic", align_corners=False)
     missing = [] if any(s is Strategy.GUIDE_LORA for s, _ in jobs) else (
@@ -161,7 +170,7 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "reference": {"clean_render_seam_ratio": seam_ratio(clean, window_px, token_px),
                       "base_seam_ratio": seam_ratio(base, window_px, token_px),
                       # the base sample bicubic-upsampled: what a warm start would keep if it added nothing
-                      "upsampled_base_detail_ratio": detail_ratio(upsampled, truth, factor)},
+                      "upsampled_base_detail_ratio": detail_ratio(upsampled, truth_energy, factor)},
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies],

@@ -192,13 +192,15 @@ def high_frequency_energy(images: torch.Tensor, factor: int) -> float:
     return float(((x - low) ** 2).mean())
 
 
-def detail_ratio(images: torch.Tensor, clean: torch.Tensor, factor: int) -> float:
+def detail_ratio(images: torch.Tensor, clean: torch.Tensor | float, factor: int) -> float:
     """High-frequency energy (above 1/``factor`` of the resolution) of (B, 3, H, W) outputs over that of clean
-    renders of the same scenes, both pooled over the batch. ~1: true-to-life detail; << 1: blurred; > 1: noise."""
-    if images.shape != clean.shape:
-        raise ValueError(f"outputs {tuple(images.shape)} and clean renders {tuple(clean.shape)} must match")
-    reference = high_frequency_energy(clean.clamp(0, 1), factor)
-    return math.inf if reference == 0 else high_frequency_energy(images.clamp(0, 1), factor) / reference
+    renders of the same scenes, both pooled over the batch. ~1: true-to-life detail; << 1: blurred; > 1: noise.
+    ``clean`` may be given as its ``high_frequency_energy`` (to score several outputs against one reference)."""
+    if isinstance(clean, torch.Tensor):
+        if images.shape != clean.shape:
+            raise ValueError(f"outputs {tuple(images.shape)} and clean renders {tuple(clean.shape)} must match")
+        clean = high_frequency_energy(clean.clamp(0, 1), factor)
+    return math.inf if clean == 0 else high_frequency_energy(images.clamp(0, 1), factor) / clean
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
