@@ -37,7 +37,7 @@ from ultragen.testbed.metrics import (
 from ultragen.testbed.model import TestbedConfig
 from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
 from ultragen.testbed.scenes import Scene, render, sample_scene
-from ultragen.testbed.train import EVAL_SEED0, load_ema
+from ultragen.testbed.train import EVAL_SEED0, TRAIN_SUPERSAMPLE, load_ema
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,8 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
     window_px, token_px, factor = config.window_px, config.token_px, settings.scale
     base = images["base"]
     hires_px = config.base_px * factor
-    # the true 4x images, rendered as the training data are (2x2 supersampling): the detail reference
-    truth = torch.stack([to_tensor(render(s, hires_px, supersample=2)) for s in scenes])
+    # the true 4x images, rendered as the training data are: the detail reference
+    truth = torch.stack([to_tensor(render(s, hires_px, supersample=TRAIN_SUPERSAMPLE)) for s in scenes])
     truth_energy = high_frequency_energy(truth, factor)
     rows = []
     for strategy, warm in jobs:

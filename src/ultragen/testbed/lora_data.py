@@ -19,7 +19,7 @@ import torch
 
 from ultragen.testbed.latent import layout_px, to_tokens
 from ultragen.testbed.scenes import render, sample_scene
-from ultragen.testbed.train import load_config
+from ultragen.testbed.train import TRAIN_SUPERSAMPLE, load_config
 from ultragen.train.cache import EMPTY, CacheWriter, normalise_model, write_tensors_atomic
 
 LORA_SEED0 = 500_000_000  # LoRA scenes: seeds LORA_SEED0 + i (the base model trained on other seeds)
@@ -58,5 +58,5 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
 
 
 def _latents(codec, scenes, size_px: int) -> torch.Tensor:
-    images = np.stack([render(s, size_px, supersample=2) for s in scenes])
+    images = np.stack([render(s, size_px, supersample=TRAIN_SUPERSAMPLE) for s in scenes])
     return codec.encode(torch.from_numpy(images).permute(0, 3, 1, 2))

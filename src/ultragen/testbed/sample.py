@@ -87,10 +87,10 @@ def stock_velocity(model: FluxTransformer2DModel, grid: tuple[int, int]) -> Velo
     img_ids, dtype = raster_ids(*grid), model.dtype
 
     def velocity(x, sigma, prompt):
-        embeds, pooled = prompt.embeds.to(x.device, dtype), prompt.pooled.to(x.device, dtype)
-        out = model(hidden_states=to_tokens(x).to(dtype), encoder_hidden_states=embeds, pooled_projections=pooled,
-                    timestep=sigma, img_ids=img_ids.to(x.device),
-                    txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device), return_dict=False)[0]
+        prompt = prompt.to(x.device, dtype)
+        out = model(hidden_states=to_tokens(x).to(dtype), encoder_hidden_states=prompt.embeds,
+                    pooled_projections=prompt.pooled, timestep=sigma, img_ids=img_ids.to(x.device),
+                    txt_ids=torch.zeros(prompt.embeds.shape[1], 3, device=x.device), return_dict=False)[0]
         return from_tokens(out.float(), grid)
 
     return velocity
@@ -113,8 +113,9 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
     grid = layout.padded_grid
 
     def velocity(x, sigma, prompt):
-        out = hier(layout.hires_to_sequence(to_tokens(x)).to(dtype), prompt.embeds.to(x.device, dtype),
-                   prompt.pooled.to(x.device, dtype), sigma, plan, guide=guide_seq)
+        prompt = prompt.to(x.device, dtype)
+        out = hier(layout.hires_to_sequence(to_tokens(x)).to(dtype), prompt.embeds, prompt.pooled, sigma, plan,
+                   guide=guide_seq)
         return from_tokens(layout.hires_to_raster(out).float(), grid)
 
     return velocity

@@ -33,6 +33,9 @@ class PromptEmbeds:
     embeds: torch.Tensor
     pooled: torch.Tensor
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> PromptEmbeds:
+        return PromptEmbeds(self.embeds.to(device, dtype), self.pooled.to(device, dtype))
+
 
 @dataclass(frozen=True)
 class SceneTextEncoder:

@@ -37,6 +37,7 @@ from ultragen.testbed.scenes import render, sample_scene
 EVAL_SEED0 = 1_000_000_000  # evaluation scenes are seeds EVAL_SEED0 + i; training never reaches them
 _CHECKPOINT = "checkpoint"
 _OLD = _CHECKPOINT + ".old"  # atomic_folder moves the previous checkpoint here while swapping
+TRAIN_SUPERSAMPLE = 2  # point samples per pixel side of every training render (base model, LoRA cache, eval truth)
 # cuDNN's fused attention backward fails on an H100 (torch 2.11) for bf16 batches of 8 or more of the base preset
 # ("mha_graph.execute(...).is_good()", also seen as CUBLAS_STATUS_EXECUTION_FAILED); flash and memory-efficient SDPA
 # train it, so training leaves cuDNN out.
@@ -57,7 +58,7 @@ class TrainSettings:
     checkpoint_every: int = 250
     log_every: int = 25
     seed: int = 0
-    supersample: int = 2  # point samples per pixel side (the LoRA cache renders with 2 too)
+    supersample: int = TRAIN_SUPERSAMPLE
     workers: int = 0  # DataLoader processes that render scenes (0: in the training process)
 
     def __post_init__(self) -> None:
@@ -77,7 +78,8 @@ def train_seeds(seed: int, step: int, batch_size: int) -> list[int]:
     return list(range(first, first + batch_size))
 
 
-def render_latents(config: TestbedConfig, seeds: list[int], scale: int = 1, supersample: int = 4) -> torch.Tensor:
+def render_latents(config: TestbedConfig, seeds: list[int], scale: int = 1,
+                   supersample: int = TRAIN_SUPERSAMPLE) -> torch.Tensor:
     """(B, C, base * scale, base * scale) clean latents of the scenes of ``seeds``."""
     images = np.stack([render(sample_scene(s), config.base_px * scale, supersample) for s in seeds])
     return config.codec().encode(torch.from_numpy(images).permute(0, 3, 1, 2))
