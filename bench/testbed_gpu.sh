@@ -3,19 +3,27 @@
 # live under runs/ (git-ignored) and persist between calls while the machine stays warm; every stage resumes.
 #
 #   bash bench/testbed_gpu.sh train MINUTES     # train (or resume) the base model for MINUTES
+#   bash bench/testbed_gpu.sh restore EMA.safetensors STEP   # a run folder from saved EMA weights of the base preset
 #   bash bench/testbed_gpu.sh probe PROMPTS     # a short eval without the LoRA (timing and a first look)
 #   bash bench/testbed_gpu.sh lora-cache COUNT  # 4x scenes + base guides for the guide LoRA
 #   bash bench/testbed_gpu.sh lora SECONDS      # train (or resume) the guide LoRA for at most SECONDS
 #   bash bench/testbed_gpu.sh eval PROMPTS      # every strategy with and without warm start -> bench/results
+#   bash bench/testbed_gpu.sh lora-eval PROMPTS # windows+guide+lora only, with the latest LoRA of $LORA
 #   bash bench/testbed_gpu.sh variant POLICY.json SECONDS PROMPTS   # a guide LoRA under another attention
 #        policy (bench/testbed_policies/), then windows+guide+lora under it -> bench/results/testbed-policy-*.json
+#        (PROMPTS 0: train only)
 #
+# LORA_STEPS (default 1500) sets the LoRA schedule's length; LORA_ARGS adds `ultragen train` options (for example
+# "--targets wide --rank 32") and LORA_TAG names such a run (runs/tb-lora-TAG, testbed-lora-TAG-*.json).
 # Copies of the logs and results go to $OUT when it is set (the device tool returns that folder).
 set -euo pipefail
 RUN=${RUN:-runs/tb}
 LORA=${LORA:-runs/tb-lora}
 CACHE=${CACHE:-runs/tb-lora-cache}
 OUT=${OUT:-}
+LORA_STEPS=${LORA_STEPS:-1500}
+LORA_ARGS=${LORA_ARGS:-}
+[ -n "${LORA_TAG:-}" ] && LORA=$LORA-$LORA_TAG
 stage=$1
 arg=${2:-}
 
@@ -29,9 +37,11 @@ train_lora() {  # RUN_FOLDER SECONDS POLICY: train (or resume) a guide LoRA for 
   local resume=()
   compgen -G "$1/checkpoints/step-*" >/dev/null && resume=(--resume)
   # checkpoints every 100 steps, so a stop loses little and the next call resumes
-  timeout "$2" "${ug[@]}" train --model "$RUN/model" --cache "$CACHE" --out "$1" --steps 1500 --lr 5e-4 \
-    --batch-size 4 --save-every 100 --validate-every 250 --policy "$3" --quiet "${resume[@]}" || [ $? -eq 124 ]
-  keep "$1/loss.jsonl"
+  # shellcheck disable=SC2086  # LORA_ARGS is a list of options
+  timeout "$2" "${ug[@]}" train --model "$RUN/model" --cache "$CACHE" --out "$1" --steps "$LORA_STEPS" --lr 5e-4 \
+    --batch-size 4 --save-every 100 --validate-every 250 --policy "$3" --quiet $LORA_ARGS "${resume[@]}" \
+    || [ $? -eq 124 ]
+  [ -n "$OUT" ] && cp "$1/loss.jsonl" "$OUT/$(basename "$1")-loss.jsonl" || true
 }
 
 latest_lora() {  # RUN_FOLDER: its final LoRA, else its latest checkpoint's
@@ -45,6 +55,25 @@ case $stage in
       --workers 12 --device cuda --max-minutes "$arg" --quiet
     keep "$RUN/log.jsonl"
     ;;
+  restore)
+    [ $# -eq 3 ] || { echo "usage: $0 restore EMA.safetensors STEP" >&2; exit 2; }
+    python3 - "$RUN" "$arg" "$3" <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+from ultragen.testbed.model import get_config
+from ultragen.testbed.train import export_model, save_checkpoint, TrainSettings
+run, weights, step = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+config = get_config("base")
+run.mkdir(parents=True, exist_ok=True)
+(run / "testbed.json").write_text(json.dumps(config.to_dict(), indent=2))
+ema = config.build_model()
+ema.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
+save_checkpoint(run, step, ema, ema, __import__("torch").optim.AdamW(ema.parameters()), TrainSettings(steps=step))
+export_model(ema, run / "model")
+print(f"restored {run} at step {step} from {weights}")
+PY
+    ;;
   probe)
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 8 --quiet \
       --out "$RUN/probe.json" --grid "$RUN/probe.png"
@@ -52,10 +81,16 @@ case $stage in
     ;;
   lora-cache)
     [ -f "$CACHE/manifest.json" ] || { rm -rf "$CACHE"; ultragen testbed lora-cache --run-dir "$RUN" --out "$CACHE" \
-      --count "$arg"; }
+      --count "$arg" --workers "$(nproc)"; }
     ;;
   lora)
     train_lora "$LORA" "$arg" default
+    ;;
+  lora-eval)
+    out=bench/results/testbed-lora${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
+      --strategies windows+guide+lora --lora "$(latest_lora "$LORA")" --out "$out" --grid "${out%.json}.png"
+    keep "$out"
     ;;
   eval)
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
@@ -66,7 +101,8 @@ case $stage in
     [ $# -eq 4 ] || { echo "usage: $0 variant POLICY.json SECONDS PROMPTS" >&2; exit 2; }
     policy=$arg name=$(basename "$arg" .json)
     train_lora "$LORA-$name" "$3" "$policy"
-    out=bench/results/testbed-policy-$name-$(date +%Y%m%d).json
+    [ "$4" -eq 0 ] && exit 0
+    out=bench/results/testbed-policy-$name${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" \
       --strategies windows+guide+lora --lora "$(latest_lora "$LORA-$name")" --out "$out" --grid "${out%.json}.png"
     keep "$out" "${out%.json}.png"

@@ -106,3 +106,21 @@ def test_cli_strategy_names_match_the_enum():
     from ultragen.testbed.sample import Strategy
 
     assert TESTBED_STRATEGIES == tuple(s.value for s in Strategy)
+
+
+def test_lora_cache_rendered_by_workers_equals_in_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from ultragen.testbed.lora_data import write_lora_cache
+
+    run = tmp_path / "run"
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), run, progress=False, log=_quiet)
+    for name, workers in (("serial", 0), ("pool", 2)):
+        assert list(write_lora_cache(run, tmp_path / name, count=5, batch=3, shard_items=2, workers=workers)) == [3, 5]
+    shards = sorted(p.name for p in (tmp_path / "serial").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "pool").glob("*.safetensors")) and len(shards) >= 3
+    for shard in shards:
+        serial, pool = load_file(tmp_path / "serial" / shard), load_file(tmp_path / "pool" / shard)
+        assert serial.keys() == pool.keys() and all(torch.equal(serial[k], pool[k]) for k in serial)
+    with pytest.raises(ValueError, match="workers=-1"):
+        next(write_lora_cache(run, tmp_path / "bad", count=1, workers=-1))

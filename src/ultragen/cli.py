@@ -261,13 +261,15 @@ def _add_testbed_parser(commands) -> None:
     cache.add_argument("--run-dir", required=True, help="run folder of `ultragen testbed train`")
     cache.add_argument("--out", required=True, help="new cache folder")
     cache.add_argument("--count", type=whole_number, default=2048, help="scenes (default 2048)")
+    cache.add_argument("--workers", type=whole_number, default=0,
+                       help="processes that render scenes (default 0: in this process)")
     cache.set_defaults(run=run_testbed_lora_cache)
 
 
 def run_testbed_lora_cache(args: argparse.Namespace) -> int:
     from ultragen.testbed.lora_data import write_lora_cache
 
-    for written in write_lora_cache(args.run_dir, args.out, args.count):
+    for written in write_lora_cache(args.run_dir, args.out, args.count, workers=args.workers):
         print(f"\r{written}/{args.count} scenes", end="", file=sys.stderr)
     print(f"\nwrote {args.out}; next: ultragen train --model {args.run_dir}/model --cache {args.out} --out RUN",
           file=sys.stderr)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,13 @@ LORA_SEED0 = 500_000_000  # LoRA scenes: seeds LORA_SEED0 + i (the base model tr
 
 
 def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale: int | None = None,
-                     batch: int = 16, shard_items: int = 64) -> Iterator[int]:
-    """Write ``count`` items; yields the number written after each batch. ``scale`` defaults to the config's rho."""
+                     batch: int = 16, shard_items: int = 64, workers: int = 0) -> Iterator[int]:
+    """Write ``count`` items; yields the number written after each batch. ``scale`` defaults to the config's rho.
+
+    ``workers`` > 0 renders the scenes in that many processes (the items and their order do not change).
+    """
+    if workers < 0:
+        raise ValueError(f"workers={workers}: use 0 (render in this process) or a positive number of processes")
     run_dir, out = Path(run_dir), Path(out_dir)
     config = load_config(run_dir)
     scale = config.rho if scale is None else scale
@@ -38,13 +45,16 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
     out.mkdir(parents=True, exist_ok=True)
     codec, encoder = config.codec(), config.text_encoder()
     writer = CacheWriter(out, shard_items)
-    for first in range(0, count, batch):
-        scenes = [sample_scene(LORA_SEED0 + i) for i in range(first, min(count, first + batch))]
-        hires = _latents(codec, scenes, config.base_px * scale)
-        guide = _latents(codec, scenes, config.base_px)
-        prompt = encoder.encode_scenes(scenes)
-        writer.add(hires=to_tokens(hires), guide=to_tokens(guide), text=prompt.embeds, pooled=prompt.pooled)
-        yield first + len(scenes)
+    sizes_px = (config.base_px * scale, config.base_px)
+    with ProcessPoolExecutor(workers) if workers else nullcontext() as pool:
+        mapper = pool.map if pool else map
+        for first in range(0, count, batch):
+            scenes = [sample_scene(LORA_SEED0 + i) for i in range(first, min(count, first + batch))]
+            renders = list(mapper(_render_sizes, scenes, [sizes_px] * len(scenes)))
+            hires, guide = (_encode(codec, [r[k] for r in renders]) for k in range(2))
+            prompt = encoder.encode_scenes(scenes)
+            writer.add(hires=to_tokens(hires), guide=to_tokens(guide), text=prompt.embeds, pooled=prompt.pooled)
+            yield first + len(scenes)
     empty = encoder.encode_scenes([None])
     write_tensors_atomic(out / EMPTY, {"text": empty.embeds[0], "pooled": empty.pooled[0]})
     writer.finish({
@@ -57,6 +67,11 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
     (out / "testbed.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
-def _latents(codec, scenes, size_px: int) -> torch.Tensor:
-    images = np.stack([render(s, size_px, supersample=TRAIN_SUPERSAMPLE) for s in scenes])
-    return codec.encode(torch.from_numpy(images).permute(0, 3, 1, 2))
+def _render_sizes(scene, sizes_px: tuple[int, ...]) -> list[np.ndarray]:
+    """One scene rendered at each size: [(size, size, 3) float images] (module level so worker processes can run it)."""
+    return [render(scene, size, supersample=TRAIN_SUPERSAMPLE) for size in sizes_px]
+
+
+def _encode(codec, images: list[np.ndarray]) -> torch.Tensor:
+    """[(H, W, 3)] images -> (B, C, h, w) latents."""
+    return codec.encode(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
