@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ultragen.cli import main
+from ultragen.flux.lora import LoraTargets, read_lora_metadata
 from ultragen.testbed.evaluate import EvalSettings, evaluate, sample_grid
 from ultragen.testbed.model import TestbedConfig
 from ultragen.testbed.sample import SamplerSettings, Strategy, sample_base, sample_hires
@@ -93,6 +94,7 @@ def test_guide_lora_chain_on_testbed_data(tmp_path):
     record, _ = evaluate(run, settings, progress=False, log=_quiet)
     assert [r["strategy"] for r in record["rows"]][-2:] == ["windows+guide+lora"] * 2 and not record["missing"]
     assert record["settings"]["policy"]["name"] == "default"
+    assert read_lora_metadata(lora_run / "guide_lora.safetensors").targets is LoraTargets.WIDE  # the default
     other = dataclasses.replace(settings, sampler=SamplerSettings(steps=2, warm_start_skip=1, policy="authors-code"))
     mismatch = r"other settings than this evaluation \(policy\.guide_margin_tokens: LoRA None, run \[0, 4\]"
     with pytest.raises(ValueError, match=mismatch):

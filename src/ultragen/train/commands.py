@@ -29,8 +29,9 @@ def add_train_parser(commands) -> None:
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--rank", type=whole_number, default=16, help="LoRA rank (default 16)")
     train.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    train.add_argument("--targets", choices=[t.value for t in LoraTargets], default="qkv",
-                       help="qkv: attention q/k/v (paper); wide: + output, feed-forward, embedder")
+    train.add_argument("--targets", choices=[t.value for t in LoraTargets], default=LoraTargets.WIDE.value,
+                       help="wide (default): attention q/k/v, output, feed-forward, embedder; qkv: attention "
+                            "q/k/v only (the paper's choice; lower quality on the testbed, docs/design.md)")
     train.add_argument("--optimizer", choices=[o.value for o in Optimizer], default="adamw")
     train.add_argument("--batch-size", type=whole_number, default=1, help="images per process per micro-step (default 1)")
     train.add_argument("--grad-accum", type=whole_number, default=1, help="micro-steps per optimizer step (authors: 8)")
