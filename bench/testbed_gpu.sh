@@ -14,7 +14,10 @@
 #        (PROMPTS 0: train only)
 #
 # LORA_STEPS (default 1500) sets the LoRA schedule's length; LORA_ARGS adds `ultragen train` options (for example
-# "--targets wide --rank 32") and LORA_TAG names such a run (runs/tb-lora-TAG, testbed-lora-TAG-*.json).
+# "--targets qkv --rank 32") and LORA_TAG names such a run (runs/tb-lora-TAG, testbed-lora-TAG-*.json); EVAL_ARGS
+# adds `ultragen testbed eval` options to lora-eval and variant. The guide position offset, for example:
+#   export LORA_TAG=offset0 LORA_ARGS="--guide-offset-tokens 0" EVAL_ARGS="--guide-offset-tokens 0"
+#   bash bench/testbed_gpu.sh lora 300 && bash bench/testbed_gpu.sh lora-eval 100
 # Copies of the logs and results go to $OUT when it is set (the device tool returns that folder).
 set -euo pipefail
 RUN=${RUN:-runs/tb}
@@ -23,6 +26,7 @@ CACHE=${CACHE:-runs/tb-lora-cache}
 OUT=${OUT:-}
 LORA_STEPS=${LORA_STEPS:-1500}
 LORA_ARGS=${LORA_ARGS:-}
+EVAL_ARGS=${EVAL_ARGS:-}
 [ -n "${LORA_TAG:-}" ] && LORA=$LORA-$LORA_TAG
 stage=$1
 arg=${2:-}
@@ -88,7 +92,8 @@ PY
     ;;
   lora-eval)
     out=bench/results/testbed-lora${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
-    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
+    # shellcheck disable=SC2086  # EVAL_ARGS is a list of options
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet $EVAL_ARGS \
       --strategies windows+guide+lora --lora "$(latest_lora "$LORA")" --out "$out" --grid "${out%.json}.png"
     keep "$out"
     ;;
@@ -103,7 +108,8 @@ PY
     train_lora "$LORA-$name" "$3" "$policy"
     [ "$4" -eq 0 ] && exit 0
     out=bench/results/testbed-policy-$name${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
-    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" \
+    # shellcheck disable=SC2086  # EVAL_ARGS is a list of options
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" $EVAL_ARGS \
       --strategies windows+guide+lora --lora "$(latest_lora "$LORA-$name")" --out "$out" --grid "${out%.json}.png"
     keep "$out" "${out%.json}.png"
     ;;

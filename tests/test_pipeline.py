@@ -253,3 +253,12 @@ def test_a_policy_file_is_a_setting_and_what_a_lora_must_match(tmp_path):
     assert config.lora_expectation("tiny-random").policy["hires_halo_tokens"] == 0
     with pytest.raises(ValueError, match="does not exist"):
         GenerationConfig(height_px=512, width_px=512, policy=str(tmp_path / "nope.json"))
+
+
+def test_guide_offset_reaches_every_cascade_layout_and_the_lora_expectation():
+    config = GenerationConfig(4096, 4096, cascade_levels=2, guide_offset_tokens=0.0)
+    assert [layout.guide_offset_tokens for layout in config.layouts()] == [0.0, 0.0]
+    assert config.lora_expectation("tiny").guide_offset_tokens == 0.0
+    assert GenerationConfig(1024, 1024).lora_expectation("tiny").guide_offset_tokens == 1.5  # centred, rho 4
+    with pytest.raises(ValueError, match=r"guide_offset_tokens=4.0 must lie in \[0, rho - 1\] = \[0, 3\]"):
+        GenerationConfig(1024, 1024, guide_offset_tokens=4.0)

@@ -126,3 +126,36 @@ def test_lora_cache_rendered_by_workers_equals_in_process(tmp_path):
         assert serial.keys() == pool.keys() and all(torch.equal(serial[k], pool[k]) for k in serial)
     with pytest.raises(ValueError, match="workers=-1"):
         next(write_lora_cache(run, tmp_path / "bad", count=1, workers=-1))
+
+
+def test_guide_offset_is_trained_recorded_and_required_at_eval(tmp_path):
+    run, cache, lora_run = tmp_path / "run", tmp_path / "cache", tmp_path / "lora"
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), run, progress=False, log=_quiet)
+    assert main(["testbed", "lora-cache", "--run-dir", str(run), "--out", str(cache), "--count", "3"]) == 0
+    assert main(["train", "--model", str(run / "model"), "--cache", str(cache), "--out", str(lora_run), "--steps", "1",
+                 "--val-items", "1", "--guide-offset-tokens", "0", "--quiet"]) == 0
+    lora = str(lora_run / "guide_lora.safetensors")
+    assert read_lora_metadata(lora).guide_offset_tokens == 0.0  # MICRO's rho 2 would centre at 0.5
+    settings = EvalSettings(prompts=1, batch_size=1, scale=2, lora_path=lora, strategies=("windows+guide+lora",),
+                            sampler=SamplerSettings(steps=2, warm_start_skip=1))
+    with pytest.raises(ValueError, match=r"guide_offset_tokens: LoRA 0\.0, run 0\.5"):
+        evaluate(run, settings, progress=False, log=_quiet)
+    at_zero = dataclasses.replace(settings, sampler=SamplerSettings(steps=2, warm_start_skip=1, guide_offset_tokens=0))
+    record, _ = evaluate(run, at_zero, progress=False, log=_quiet)
+    assert len(record["rows"]) == 2 and record["settings"]["sampler"]["guide_offset_tokens"] == 0
+    with pytest.raises(ValueError, match=r"must lie in \[0, rho - 1\] = \[0, 1\]"):
+        evaluate(run, dataclasses.replace(settings, sampler=SamplerSettings(guide_offset_tokens=1.5)), progress=False,
+                 log=_quiet)
+
+
+def test_guide_offset_moves_the_guide_tokens_of_a_sample():
+    model = MICRO.build_model().eval()
+    enc = MICRO.text_encoder()
+    prompt, empty = enc.encode_scenes([sample_scene(0)]), enc.encode_scenes([None])
+    c, n = MICRO.codec().channels, MICRO.base_tokens
+    g = torch.Generator().manual_seed(0)
+    guide, noise = torch.randn(1, c, n, n, generator=g), torch.randn(1, c, 2 * n, 2 * n, generator=g)
+    outs = [sample_hires(model, MICRO, Strategy.GUIDE, False, guide, prompt, empty, noise,
+                         SamplerSettings(steps=2, warm_start_skip=1, backend="reference", guide_offset_tokens=offset),
+                         scale=2) for offset in (None, 0.5, 0.0)]
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])  # None centres: 0.5 at rho 2

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ultragen.layout import InWindowOrder, make_layout
+from ultragen.layout import GUIDE_OFFSET_HELP
 from ultragen.policy import POLICY_HELP, build_plan
 from ultragen.summary import format_summary, plan_summary
 
@@ -150,6 +151,7 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--shift", type=float, help="static shift of the hires schedule (default: the model's)")
     gen.add_argument("--sharpen", type=float, default=0.5, help="warm-start unsharp-mask strength (default 0.5)")
     gen.add_argument("--ntk", type=float, default=1.0, help="RoPE NTK factor of the hires pass (default 1)")
+    gen.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP)
     gen.add_argument("--cascade", type=whole_number, nargs="?", const=2, default=1, metavar="LEVELS",
                      help="chain LEVELS hierarchical passes, each output the next guide (flag alone: 2)")
     gen.add_argument("--lora", help="guide LoRA .safetensors written by ultragen train")
@@ -179,7 +181,7 @@ def run_generate(args: argparse.Namespace) -> int:
         guide_steps=args.guide_steps, warm_start_skip=args.warm_start_skip, guidance_scale=args.guidance,
         guide_guidance_scale=args.guide_guidance, rho=args.rho, window_tokens=args.window, policy=args.policy,
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
-        cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
+        guide_offset_tokens=args.guide_offset_tokens, cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
         ff_chunk_tokens=args.ff_chunk_tokens or None,
     )
@@ -248,6 +250,7 @@ def _add_testbed_parser(commands) -> None:
     ev.add_argument("--warm-start-skip", type=int, default=7, help="k of N steps skipped by warm start (default 7)")
     ev.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     ev.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
+    ev.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP)
     ev.add_argument("--lora", help="guide LoRA for the windows+guide+lora rows")
     ev.add_argument("--strategies", nargs="+", choices=TESTBED_STRATEGIES, default=list(TESTBED_STRATEGIES),
                     help="strategies to run, each with and without warm start (default: all)")
@@ -305,7 +308,7 @@ def run_testbed_eval(args: argparse.Namespace) -> int:
     from ultragen.testbed.sample import SamplerSettings
 
     sampler = SamplerSettings(steps=args.steps, warm_start_skip=args.warm_start_skip, cfg_scale=args.cfg,
-                              policy=args.policy)
+                              policy=args.policy, guide_offset_tokens=args.guide_offset_tokens)
     settings = EvalSettings(prompts=args.prompts, batch_size=args.batch_size, lora_path=args.lora, sampler=sampler,
                             strategies=tuple(args.strategies))
     out = Path(args.out or f"bench/results/testbed-{datetime.date.today():%Y%m%d}.json")

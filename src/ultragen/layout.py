@@ -307,6 +307,10 @@ def _tiled(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[int, int]:
     return _round_up(grid[0], tile[0]), _round_up(grid[1], tile[1])
 
 
+GUIDE_OFFSET_HELP = ("guide token (m, n) sits at RoPE position rho*(m, n) + this, in [0, rho-1] (default: (rho-1)/2, "
+                     "the centre of its footprint; the authors' code: 0). A LoRA is trained under one value")
+
+
 def make_layout(
     height_px: int,
     width_px: int,
@@ -352,6 +356,12 @@ def make_layout(
         raise ValueError(_padding_refused(height_px, width_px, grid, padded, window_tokens, rho, tile, image))
     if guide_offset_tokens is None:
         guide_offset_tokens = (rho - 1) / 2 if rho is not None else 0.0
+    elif rho is not None and not (isinstance(guide_offset_tokens, (int, float)) and 0 <= guide_offset_tokens <= rho - 1):
+        raise ValueError(
+            f"guide_offset_tokens={guide_offset_tokens!r} must lie in [0, rho - 1] = [0, {rho - 1}] so that each guide "
+            f"token's position stays inside its {rho}x{rho}-token footprint; {(rho - 1) / 2} centres it (the default), "
+            f"0 puts it on the footprint's first token (the authors' convention)"
+        )
     return HierLayout(
         height_px=height_px,
         width_px=width_px,

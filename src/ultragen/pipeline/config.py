@@ -82,6 +82,7 @@ class GenerationConfig:
     sharpen_strength: float = 0.5  # unsharp mask x + s * (x - blur(x)) on the upsampled guide latent
     sharpen_sigma_latent_px: float = 1.0  # blur sigma in latent pixels (8 image px each)
     ntk_factor: float = 1.0
+    guide_offset_tokens: float | None = None  # guide token (m, n) sits at rho*(m, n) + this; None: (rho - 1) / 2
     text_tokens: int | None = None
     cascade_levels: int = 1
     lora_path: str | None = None
@@ -104,11 +105,12 @@ class GenerationConfig:
         """
         text = self.text_tokens if self.text_tokens is not None else MAX_TEXT_TOKENS
         chain = [make_layout(self.height_px, self.width_px, rho=self.rho, window_tokens=self.window_tokens,
-                             text_tokens=text)]
+                             text_tokens=text, guide_offset_tokens=self.guide_offset_tokens)]
         for _ in range(self.cascade_levels - 1):
             outer = chain[0]
             chain.insert(0, make_layout(outer.guide_height_px, outer.guide_width_px, rho=self.rho,
-                                        window_tokens=self.window_tokens, text_tokens=text))
+                                        window_tokens=self.window_tokens, text_tokens=text,
+                                        guide_offset_tokens=self.guide_offset_tokens))
         return chain
 
     @property

@@ -76,6 +76,7 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     if settings.scale != config.rho:
         raise ValueError(f"scale={settings.scale} must equal the testbed's rho={config.rho} (the base sample is the "
                          f"guide of the {config.rho}x image)")
+    _guide_offset_tokens(config, settings)  # refuse an offset outside [0, rho - 1] before sampling
     lora_model = _with_lora(model, settings.lora_path, config, settings)
     scenes = [sample_scene(EVAL_SEED0 + i) for i in range(settings.prompts)]
     encoder, codec = config.text_encoder(), config.codec()
@@ -107,6 +108,10 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     return record, images
 
 
+def _guide_offset_tokens(config: TestbedConfig, settings: EvalSettings) -> float:
+    return config.layout(settings.scale, guide_offset_tokens=settings.sampler.guide_offset_tokens).guide_offset_tokens
+
+
 def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
                settings: EvalSettings) -> torch.nn.Module | None:
     """A copy of ``model`` with the guide LoRA of ``path``, refused when it was trained under another attention
@@ -116,7 +121,7 @@ def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
     meta = read_lora_metadata(path)
     expected = replace(meta, policy=get_policy(settings.sampler.policy).to_dict(), rho=config.rho,
                        window_tokens=config.window_tokens, ntk_factor=1.0,
-                       guide_offset_tokens=config.layout(settings.scale).guide_offset_tokens)
+                       guide_offset_tokens=_guide_offset_tokens(config, settings))
     if diff := meta.mismatches(expected):
         raise ValueError(f"LoRA {path!r} was trained under other settings than this evaluation ({'; '.join(diff)}); "
                          f"pass the LoRA's policy with --policy")

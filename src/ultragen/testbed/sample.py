@@ -54,6 +54,7 @@ class SamplerSettings:
     sharpen_sigma_tokens: float = 1.0
     policy: str = "default"
     backend: str = "auto"
+    guide_offset_tokens: float | None = None  # guide RoPE positions rho*(m, n) + this; None: centred, (rho - 1) / 2
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not 0 <= self.warm_start_skip < self.steps:
@@ -100,7 +101,7 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
                   settings: SamplerSettings) -> Velocity:
     """The hierarchical forward at ``scale`` x base: windows only (guide None) or with the clean guide latent
     (B, C, base, base) in the sequence (the batch is doubled for guidance, so the guide is too)."""
-    layout = config.layout(scale, guide=guide is not None)
+    layout = config.layout(scale, guide=guide is not None, guide_offset_tokens=settings.guide_offset_tokens)
     if guide is not None and tuple(guide.shape[-2:]) != layout.guide_image_grid:
         raise ValueError(f"the guide latent is {tuple(guide.shape[-2:])} tokens but a {scale}x layout with rho="
                          f"{config.rho} needs {layout.guide_image_grid}: evaluate at scale = rho so the base sample "

@@ -10,6 +10,7 @@ import sys
 
 from ultragen.cli import whole_number
 from ultragen.flux.lora import LoraTargets
+from ultragen.layout import GUIDE_OFFSET_HELP
 from ultragen.policy import POLICY_HELP
 from ultragen.train.config import LrSchedule, Optimizer, PrepareConfig, TrainConfig
 
@@ -40,6 +41,7 @@ def add_train_parser(commands) -> None:
     train.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (default 0.1)")
     train.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     train.add_argument("--ntk-factor", type=float, default=1.0, help="RoPE NTK factor (default 1)")
+    train.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP)
     train.add_argument("--window", type=whole_number, help="window side in tokens (default: the cache's)")
     train.add_argument("--block-tokens", type=whole_number, help="attention block size (default: the cache's)")
     train.add_argument("--size", type=whole_number, help="check: the cache's training size in pixels")
@@ -95,7 +97,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         alpha=args.alpha, targets=args.targets, optimizer=args.optimizer, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         max_grad_norm=args.max_grad_norm, caption_dropout=args.caption_dropout, policy=args.policy,
-        ntk_factor=args.ntk_factor, window_tokens=args.window, block_tokens=args.block_tokens, size_px=args.size,
+        ntk_factor=args.ntk_factor, guide_offset_tokens=args.guide_offset_tokens, window_tokens=args.window, block_tokens=args.block_tokens, size_px=args.size,
         rho=args.rho, val_items=args.val_items, save_every=args.save_every, validate_every=args.validate_every,
         validate_prompts=args.validate_prompts, seed=args.seed, resume=args.resume,
     )

@@ -138,6 +138,7 @@ class TrainConfig:
     guidance: float = 1.0  # guidance embedding for guidance-distilled models (the authors train at 1.0)
     policy: str | dict = "default"  # a preset name; a policy file is stored as its fields (see __post_init__)
     ntk_factor: float = 1.0
+    guide_offset_tokens: float | None = None  # None: (rho - 1) / 2, the centre of each guide token's footprint
     window_tokens: int | None = None
     block_tokens: int | None = None
     size_px: int | None = None
@@ -212,6 +213,8 @@ def _validate(c: TrainConfig) -> None:
     _check_float("logit_std", c.logit_std, 0.0, 10.0, low_open=True)
     _check_float("guidance", c.guidance, 0.0, 100.0)
     _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
+    if c.guide_offset_tokens is not None:  # the upper bound, rho - 1, is checked against the cache's rho
+        _check_float("guide_offset_tokens", c.guide_offset_tokens, 0.0, 1000.0)
     get_policy(c.policy)  # a preset or a readable policy file; raises with the fix
     for name in ("window_tokens", "block_tokens", "size_px"):
         if getattr(c, name) is not None:

@@ -59,7 +59,8 @@ def training_layout(config: TrainConfig, cache: TrainingCache) -> HierLayout:
     m = cache.manifest
     try:
         return make_layout(m.size_px, m.size_px, window_tokens=config.window_tokens or m.window_tokens, rho=m.rho,
-                           text_tokens=m.text_tokens, block_tokens=config.block_tokens or m.block_tokens, pad=False)
+                           text_tokens=m.text_tokens, block_tokens=config.block_tokens or m.block_tokens, pad=False,
+                           guide_offset_tokens=config.guide_offset_tokens)
     except ValueError as error:
         raise ValueError(f"the cache {cache.root / MANIFEST} ({m.size_px} px, rho {m.rho}) does not fit this "
                          f"layout: {error}") from None

@@ -46,7 +46,8 @@ def write_samples(transformer, config: TrainConfig, layout: HierLayout, run_dir:
         return
     prompts = read_prompts(config.validate_prompts)
     settings = dict(height=layout.height_px, width=layout.width_px, rho=layout.rho,
-                    window_tokens=layout.window_tokens, policy=config.policy, ntk_factor=config.ntk_factor)
+                    window_tokens=layout.window_tokens, policy=config.policy, ntk_factor=config.ntk_factor,
+                    guide_offset_tokens=layout.guide_offset_tokens)
     try:
         pipe = _pipeline(transformer, config.model)
         pipe.make_config(**settings)
