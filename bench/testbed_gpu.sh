@@ -3,7 +3,9 @@
 # live under runs/ (git-ignored) and persist between calls while the machine stays warm; every stage resumes.
 #
 #   bash bench/testbed_gpu.sh train MINUTES     # train (or resume) the base model for MINUTES
-#   bash bench/testbed_gpu.sh restore EMA.safetensors STEP   # a run folder from saved EMA weights of the base preset
+#   bash bench/testbed_gpu.sh restore EMA.safetensors STEP   # a run folder from saved EMA weights of the base preset,
+#        for evaluation and LoRA training (not for resuming the base training: no optimizer state); refuses an
+#        existing run folder
 #   bash bench/testbed_gpu.sh probe PROMPTS     # a short eval without the LoRA (timing and a first look)
 #   bash bench/testbed_gpu.sh lora-cache COUNT  # 4x scenes + base guides for the guide LoRA
 #   bash bench/testbed_gpu.sh lora SECONDS      # train (or resume) the guide LoRA for at most SECONDS
@@ -15,7 +17,7 @@
 #
 # LORA_STEPS (default 1500) sets the LoRA schedule's length; LORA_ARGS adds `ultragen train` options (for example
 # "--targets qkv --rank 32") and LORA_TAG names such a run (runs/tb-lora-TAG, testbed-lora-TAG-*.json); EVAL_ARGS
-# adds `ultragen testbed eval` options to lora-eval and variant. The guide position offset, for example:
+# adds `ultragen testbed eval` options to eval, lora-eval and variant (options without spaces or wildcards). The guide position offset, for example:
 #   export LORA_TAG=offset0 LORA_ARGS="--guide-offset-tokens 0" EVAL_ARGS="--guide-offset-tokens 0"
 #   bash bench/testbed_gpu.sh lora 300 && bash bench/testbed_gpu.sh lora-eval 100
 # Copies of the logs and results go to $OUT when it is set (the device tool returns that folder).
@@ -49,8 +51,11 @@ train_lora() {  # RUN_FOLDER SECONDS POLICY: train (or resume) a guide LoRA for 
 }
 
 latest_lora() {  # RUN_FOLDER: its final LoRA, else its latest checkpoint's
-  if [ -f "$1/guide_lora.safetensors" ]; then echo "$1/guide_lora.safetensors"
-  else echo "$(ls -d "$1"/checkpoints/step-* | tail -1)/lora.safetensors"; fi
+  local last
+  if [ -f "$1/guide_lora.safetensors" ]; then echo "$1/guide_lora.safetensors"; return; fi
+  last=$(compgen -G "$1/checkpoints/step-*" | sort | tail -1) || true
+  [ -n "$last" ] || { echo "$1 has no LoRA and no checkpoint; train one first (stage lora or variant)" >&2; exit 1; }
+  echo "$last/lora.safetensors"
 }
 
 case $stage in
@@ -61,6 +66,7 @@ case $stage in
     ;;
   restore)
     [ $# -eq 3 ] || { echo "usage: $0 restore EMA.safetensors STEP" >&2; exit 2; }
+    [ -e "$RUN/checkpoint" ] && { echo "$RUN already holds a run; restore into a new RUN=folder" >&2; exit 2; }
     python3 - "$RUN" "$arg" "$3" <<'PY'
 import json, sys
 from pathlib import Path
@@ -91,26 +97,30 @@ PY
     train_lora "$LORA" "$arg" default
     ;;
   lora-eval)
+    lora=$(latest_lora "$LORA")
     out=bench/results/testbed-lora${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
     # shellcheck disable=SC2086  # EVAL_ARGS is a list of options
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet $EVAL_ARGS \
-      --strategies windows+guide+lora --lora "$(latest_lora "$LORA")" --out "$out" --grid "${out%.json}.png"
+      --strategies windows+guide+lora --lora "$lora" --out "$out" --grid "${out%.json}.png"
     keep "$out"
     ;;
   eval)
-    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet \
-      --lora "$(latest_lora "$LORA")" --out "bench/results/testbed-$(date +%Y%m%d).json"
+    lora=$(latest_lora "$LORA")
+    # shellcheck disable=SC2086  # EVAL_ARGS is a list of options
+    ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$arg" --batch-size 20 --quiet $EVAL_ARGS \
+      --lora "$lora" --out "bench/results/testbed-$(date +%Y%m%d).json"
     keep bench/results/testbed-"$(date +%Y%m%d)".*
     ;;
   variant)
-    [ $# -eq 4 ] || { echo "usage: $0 variant POLICY.json SECONDS PROMPTS" >&2; exit 2; }
+    [ $# -eq 4 ] && [[ $4 =~ ^[0-9]+$ ]] || { echo "usage: $0 variant POLICY.json SECONDS PROMPTS" >&2; exit 2; }
     policy=$arg name=$(basename "$arg" .json)
     train_lora "$LORA-$name" "$3" "$policy"
     [ "$4" -eq 0 ] && exit 0
+    lora=$(latest_lora "$LORA-$name")
     out=bench/results/testbed-policy-$name${LORA_TAG:+-$LORA_TAG}-$(date +%Y%m%d).json
     # shellcheck disable=SC2086  # EVAL_ARGS is a list of options
     ultragen testbed eval --run-dir "$RUN" --device cuda --prompts "$4" --batch-size 20 --quiet --policy "$policy" $EVAL_ARGS \
-      --strategies windows+guide+lora --lora "$(latest_lora "$LORA-$name")" --out "$out" --grid "${out%.json}.png"
+      --strategies windows+guide+lora --lora "$lora" --out "$out" --grid "${out%.json}.png"
     keep "$out" "${out%.json}.png"
     ;;
   *)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -106,6 +107,7 @@ def test_position_ids_are_float32_and_guide_ids_scaled_and_centred():
     assert guide[0, 1] == raster.view(rows, cols, 3)[:4, :4, 1].mean()
     custom = make_layout(1024, 2048, rho=4, guide_offset_tokens=0.0)
     assert custom.guide_ids()[:, 1:].min() == 0 and (custom.guide_ids()[:, 1:] % 4 == 0).all()
+    assert make_layout(1024, 2048, rho=4, guide_offset_tokens=np.float32(1.0)).guide_offset_tokens == 1.0
     for outside in (-0.5, 3.5, float("nan")):
         with pytest.raises(ValueError, match=r"must lie in \[0, rho - 1\] = \[0, 3\].*1\.5 centres it"):
             make_layout(1024, 2048, rho=4, guide_offset_tokens=outside)

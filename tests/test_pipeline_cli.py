@@ -242,9 +242,11 @@ def test_mismatched_lora_is_refused_before_the_model_loads(tmp_path, capsys, mon
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert main(["generate", "--model", "black-forest-labs/FLUX.1-dev", "--prompt", "a fox", "--width", "3840",
-                 "--height", "2160", "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dry-run"]) == 0
+                 "--height", "2160", "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dry-run",
+                 "--guide-offset-tokens", "0"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"]["steps"] is None  # the model's default, resolved once it is loaded
+    assert plan["config"]["guide_offset_tokens"] == 0
     assert plan["canvas_px"] == [[3840, 2304]] and plan["guide_size_px"] == [960, 576]
     assert plan["prompts"][0]["files"][0] == str(tmp_path / "fox.png")
     assert [p for p in tmp_path.iterdir() if p.name != "hf-home"] == []

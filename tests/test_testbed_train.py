@@ -110,15 +110,26 @@ def test_cli_strategy_names_match_the_enum():
     assert TESTBED_STRATEGIES == tuple(s.value for s in Strategy)
 
 
-def test_lora_cache_rendered_by_workers_equals_in_process(tmp_path):
+def test_lora_cache_rendered_by_workers_equals_in_process(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from ultragen.testbed import lora_data
     from ultragen.testbed.lora_data import write_lora_cache
+
+    pools = []
+
+    class SpyPool(lora_data.ProcessPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(lora_data, "ProcessPoolExecutor", SpyPool)
 
     run = tmp_path / "run"
     train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), run, progress=False, log=_quiet)
     for name, workers in (("serial", 0), ("pool", 2)):
         assert list(write_lora_cache(run, tmp_path / name, count=5, batch=3, shard_items=2, workers=workers)) == [3, 5]
+    assert pools == [2]  # only the second cache used a pool (of at most a batch of processes)
     shards = sorted(p.name for p in (tmp_path / "serial").glob("*.safetensors"))
     assert shards == sorted(p.name for p in (tmp_path / "pool").glob("*.safetensors")) and len(shards) >= 3
     for shard in shards:
@@ -142,7 +153,9 @@ def test_guide_offset_is_trained_recorded_and_required_at_eval(tmp_path):
         evaluate(run, settings, progress=False, log=_quiet)
     at_zero = dataclasses.replace(settings, sampler=SamplerSettings(steps=2, warm_start_skip=1, guide_offset_tokens=0))
     record, _ = evaluate(run, at_zero, progress=False, log=_quiet)
-    assert len(record["rows"]) == 2 and record["settings"]["sampler"]["guide_offset_tokens"] == 0
+    assert len(record["rows"]) == 2 and record["settings"]["guide_offset_tokens"] == 0
+    defaults = dataclasses.replace(settings, lora_path=None, strategies=("windows+guide",))
+    assert evaluate(run, defaults, progress=False, log=_quiet)[0]["settings"]["guide_offset_tokens"] == 0.5
     with pytest.raises(ValueError, match=r"must lie in \[0, rho - 1\] = \[0, 1\]"):
         evaluate(run, dataclasses.replace(settings, sampler=SamplerSettings(guide_offset_tokens=1.5)), progress=False,
                  log=_quiet)

@@ -274,3 +274,24 @@ def test_train_config_records_a_policy_file_by_its_fields(tmp_path):
         f"policy: checkpoint {config.policy!r}, now {get_policy(str(path)).to_dict()!r}"]
     with pytest.raises(ValueError, match="policy file .*nope.json' does not exist"):
         train_config(tmp_path, tmp_path / "run", policy=str(tmp_path / "nope.json"))
+
+
+def test_resume_keeps_the_runs_own_lora_targets(tmp_path):
+    from ultragen.cli import build_parser
+    from ultragen.flux.lora import LoraTargets
+    from ultragen.train.commands import train_config_from_args
+    from ultragen.train.rundir import write_run_config
+
+    def parsed(*extra):
+        return train_config_from_args(build_parser().parse_args(
+            ["train", "--model", "tiny-random", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"), *extra]))
+
+    assert parsed().targets is LoraTargets.WIDE  # the default for a new run
+    write_run_config(tmp_path / "r", train_config(tmp_path / "c", tmp_path / "r", targets="qkv"))
+    assert parsed("--resume").targets is LoraTargets.QKV  # a run started with q/k/v (the old default) resumes as one
+    assert parsed("--resume", "--targets", "wide").targets is LoraTargets.WIDE  # (and check_run_dir refuses it)
+
+
+def test_bad_guide_offset_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"guide_offset_tokens=-1.0 must be a number in \[0.0, 1000.0\]"):
+        train_config(tmp_path / "c", tmp_path / "r", guide_offset_tokens=-1.0)

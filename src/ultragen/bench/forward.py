@@ -13,32 +13,25 @@ import torch
 
 from ultragen.bench.models import random_flux, random_inputs
 from ultragen.bench.record import result_path, write_result
+from ultragen.bench.step import median_s
 from ultragen.flux import HierFluxTransformer
 from ultragen.layout import make_layout
 from ultragen.policy import build_plan
 
 
-def forward_once(hier: HierFluxTransformer, size_px: int, repeats: int = 2) -> dict:
+def forward_once(hier: HierFluxTransformer, size_px: int, repeats: int = 3) -> dict:
     """Median seconds of one forward (guide cache warm), peak GB, and whether the output is finite."""
     layout = make_layout(size_px, size_px)
     plan = build_plan(layout)
     inputs = random_inputs(hier.transformer, layout.hires_tokens, layout.guide_tokens, layout.text_tokens)
     torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        out = hier(plan=plan, **inputs)  # warm-up: compiles kernels, fills the guide cache
-        times = []
-        for _ in range(repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = hier(plan=plan, **inputs)
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
+    with torch.no_grad():  # the warm-up call compiles kernels and fills the guide cache
+        seconds, out = median_s(lambda: hier(plan=plan, **inputs), repeats)
     hier.clear_guide_cache()
     return {
         "size": f"{size_px}x{size_px}",
         "seq_tokens": layout.seq_tokens,
-        "s_per_forward": sorted(times)[len(times) // 2],
+        "s_per_forward": seconds,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
         "finite": bool(torch.isfinite(out).all()),
         "out_std": float(out.float().std()),

@@ -4,8 +4,9 @@ The real FLUX.1-dev architecture with random bf16 weights, batch 1, text 512. De
 cuDNN SDPA over the plain FLUX sequence. Hierarchical: ``HierFluxTransformer`` with each attention backend, the
 guide cache warm (its one pass per image is not a step). Each configuration eager and compiled (regional
 ``torch.compile`` of the blocks), then the same with FP8 linears (torchao), whose step output is also compared with
-the bf16 one (relative L2 error). Times are CUDA-event medians after a warm-up call. Optionally the hierarchical
-step again with the feed-forward chunked over tokens (``ff_chunk_tokens``, one variant per chunk size).
+the bf16 one (relative L2 error). Times are wall-clock medians (device synchronised) after a warm-up call.
+Optionally the hierarchical step again with the feed-forward chunked over tokens (``ff_chunk_tokens``, one variant
+per chunk size).
 """
 
 from __future__ import annotations

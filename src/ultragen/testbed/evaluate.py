@@ -179,7 +179,8 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies],
-                     "policy": get_policy(settings.sampler.policy).to_dict()},
+                     "policy": get_policy(settings.sampler.policy).to_dict(),
+                     "guide_offset_tokens": _guide_offset_tokens(config, settings)},  # resolved (None: centred)
         "prompts": [s.caption for s in scenes],
         "seconds": seconds,
         "host": {"torch": torch.__version__, "python": platform.python_version(), "model_dtype": str(dtype),

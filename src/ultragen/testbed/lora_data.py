@@ -46,7 +46,7 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
     codec, encoder = config.codec(), config.text_encoder()
     writer = CacheWriter(out, shard_items)
     sizes_px = (config.base_px * scale, config.base_px)
-    with ProcessPoolExecutor(workers) if workers else nullcontext() as pool:
+    with ProcessPoolExecutor(min(workers, batch)) if workers else nullcontext() as pool:  # a batch at a time
         mapper = pool.map if pool else map
         for first in range(0, count, batch):
             scenes = [sample_scene(LORA_SEED0 + i) for i in range(first, min(count, first + batch))]

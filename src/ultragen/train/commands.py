@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ultragen.cli import whole_number
 from ultragen.flux.lora import LoraTargets
 from ultragen.layout import GUIDE_OFFSET_HELP
 from ultragen.policy import POLICY_HELP
 from ultragen.train.config import LrSchedule, Optimizer, PrepareConfig, TrainConfig
+from ultragen.train.rundir import read_run_config
 
 
 def add_train_parser(commands) -> None:
@@ -30,9 +32,10 @@ def add_train_parser(commands) -> None:
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--rank", type=whole_number, default=16, help="LoRA rank (default 16)")
     train.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    train.add_argument("--targets", choices=[t.value for t in LoraTargets], default=LoraTargets.WIDE.value,
-                       help="wide (default): attention q/k/v, output, feed-forward, embedder; qkv: attention "
-                            "q/k/v only (the paper's choice; lower quality on the testbed, docs/design.md)")
+    train.add_argument("--targets", choices=[t.value for t in LoraTargets],
+                       help="wide (default; --resume: the run's own): attention q/k/v, output, feed-forward, "
+                            "embedder; qkv: attention q/k/v only (the paper's choice; lower quality on the testbed, "
+                            "docs/design.md)")
     train.add_argument("--optimizer", choices=[o.value for o in Optimizer], default="adamw")
     train.add_argument("--batch-size", type=whole_number, default=1, help="images per process per micro-step (default 1)")
     train.add_argument("--grad-accum", type=whole_number, default=1, help="micro-steps per optimizer step (authors: 8)")
@@ -90,11 +93,19 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace) -> LoraTargets:
+    """--targets, else the resumed run's own (runs started before wide became the default are q/k/v), else wide."""
+    if args.targets is not None:
+        return LoraTargets(args.targets)
+    saved = read_run_config(Path(args.out)) if args.resume and args.out else None
+    return saved.targets if saved is not None else LoraTargets.WIDE
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, cache_dir=args.cache, out_dir=args.out, steps=args.steps, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, rank=args.rank,
-        alpha=args.alpha, targets=args.targets, optimizer=args.optimizer, batch_size=args.batch_size,
+        alpha=args.alpha, targets=_targets(args), optimizer=args.optimizer, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         max_grad_norm=args.max_grad_norm, caption_dropout=args.caption_dropout, policy=args.policy,
         ntk_factor=args.ntk_factor, guide_offset_tokens=args.guide_offset_tokens, window_tokens=args.window, block_tokens=args.block_tokens, size_px=args.size,
