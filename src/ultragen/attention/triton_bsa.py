@@ -38,11 +38,13 @@ class KernelConfig:
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
 
 
-# Chosen from the H100 sweeps of bench/gpu_check_attention.py (see bench/results); keyed by (variant, head_dim).
+# Chosen from the H100 sweeps of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the best
+# of bench/results/attention-sweep-nvidia-h100-80gb-hbm3-20261122.json (2 stages: 1 % faster than 3 at 4K, 6 % at
+# 8K, same run); head dim 64 (small models) was not swept and keeps the first sweep's 3 stages.
 DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
-    ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=3),
+    ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=2),
     ("bf16", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
-    ("int8", 128): KernelConfig(block_n=128, num_warps=4, num_stages=3),
+    ("int8", 128): KernelConfig(block_n=128, num_warps=4, num_stages=2),
     ("int8", 64): KernelConfig(block_n=128, num_warps=4, num_stages=3),
 }
 
