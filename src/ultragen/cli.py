@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from ultragen.layout import InWindowOrder, make_layout
-from ultragen.layout import GUIDE_OFFSET_HELP
+from ultragen.layout import GUIDE_OFFSET_HELP, InWindowOrder, make_layout
 from ultragen.policy import POLICY_HELP, build_plan
 from ultragen.summary import format_summary, plan_summary
 
@@ -181,9 +180,9 @@ def run_generate(args: argparse.Namespace) -> int:
         guide_steps=args.guide_steps, warm_start_skip=args.warm_start_skip, guidance_scale=args.guidance,
         guide_guidance_scale=args.guide_guidance, rho=args.rho, window_tokens=args.window, policy=args.policy,
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
-        guide_offset_tokens=args.guide_offset_tokens, cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
-        offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
-        ff_chunk_tokens=args.ff_chunk_tokens or None,
+        guide_offset_tokens=args.guide_offset_tokens, cascade_levels=args.cascade, lora_path=args.lora,
+        vae_tile_px=args.vae_tile, offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile,
+        fp8=args.fp8, ff_chunk_tokens=args.ff_chunk_tokens or None,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)

@@ -357,7 +357,8 @@ def make_layout(
         raise ValueError(_padding_refused(height_px, width_px, grid, padded, window_tokens, rho, tile, image))
     if guide_offset_tokens is None:
         guide_offset_tokens = (rho - 1) / 2 if rho is not None else 0.0
-    elif rho is not None and not (isinstance(guide_offset_tokens, numbers.Real) and 0 <= guide_offset_tokens <= rho - 1):
+    elif rho is not None and not (isinstance(guide_offset_tokens, numbers.Real)
+                                  and 0 <= guide_offset_tokens <= rho - 1):
         raise ValueError(
             f"guide_offset_tokens={guide_offset_tokens!r} must lie in [0, rho - 1] = [0, {rho - 1}] so that each guide "
             f"token's position stays inside its {rho}x{rho}-token footprint; {(rho - 1) / 2} centres it (the default), "
