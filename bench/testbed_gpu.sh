@@ -70,6 +70,7 @@ case $stage in
     python3 - "$RUN" "$arg" "$3" <<'PY'
 import json, sys
 from pathlib import Path
+import torch
 from safetensors.torch import load_file
 from ultragen.testbed.model import get_config
 from ultragen.testbed.train import export_model, save_checkpoint, TrainSettings
@@ -79,7 +80,7 @@ run.mkdir(parents=True, exist_ok=True)
 (run / "testbed.json").write_text(json.dumps(config.to_dict(), indent=2))
 ema = config.build_model()
 ema.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
-save_checkpoint(run, step, ema, ema, __import__("torch").optim.AdamW(ema.parameters()), TrainSettings(steps=step))
+save_checkpoint(run, step, ema, ema, torch.optim.AdamW(ema.parameters()), TrainSettings(steps=step))
 export_model(ema, run / "model")
 print(f"restored {run} at step {step} from {weights}")
 PY

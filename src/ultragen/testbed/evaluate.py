@@ -76,8 +76,8 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     if settings.scale != config.rho:
         raise ValueError(f"scale={settings.scale} must equal the testbed's rho={config.rho} (the base sample is the "
                          f"guide of the {config.rho}x image)")
-    _guide_offset_tokens(config, settings)  # refuse an offset outside [0, rho - 1] before sampling
-    lora_model = _with_lora(model, settings.lora_path, config, settings)
+    offset = _guide_offset_tokens(config, settings)  # refuses an offset outside [0, rho - 1] before sampling
+    lora_model = _with_lora(model, settings.lora_path, config, settings, offset)
     scenes = [sample_scene(EVAL_SEED0 + i) for i in range(settings.prompts)]
     encoder, codec = config.text_encoder(), config.codec()
     rows: dict[str, _Run] = {"base": _Run()}
@@ -104,16 +104,17 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
             bar.update(1)
     bar.close()
     images = {name: run.stacked() for name, run in rows.items()}
-    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype)
+    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype, offset)
     return record, images
 
 
 def _guide_offset_tokens(config: TestbedConfig, settings: EvalSettings) -> float:
+    """The guide position offset this evaluation uses (the settings' value, or the layout's centred default)."""
     return config.layout(settings.scale, guide_offset_tokens=settings.sampler.guide_offset_tokens).guide_offset_tokens
 
 
 def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
-               settings: EvalSettings) -> torch.nn.Module | None:
+               settings: EvalSettings, guide_offset_tokens: float) -> torch.nn.Module | None:
     """A copy of ``model`` with the guide LoRA of ``path``, refused when it was trained under another attention
     policy, window or rho than this evaluation uses (the base model's path is not compared: runs move)."""
     if path is None:
@@ -121,7 +122,7 @@ def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
     meta = read_lora_metadata(path)
     expected = replace(meta, policy=get_policy(settings.sampler.policy).to_dict(), rho=config.rho,
                        window_tokens=config.window_tokens, ntk_factor=1.0,
-                       guide_offset_tokens=_guide_offset_tokens(config, settings))
+                       guide_offset_tokens=guide_offset_tokens)
     if diff := meta.mismatches(expected):
         raise ValueError(f"LoRA {path!r} was trained under other settings than this evaluation ({'; '.join(diff)}); "
                          f"pass the LoRA's policy with --policy")
@@ -151,7 +152,8 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
-            images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype) -> dict:
+            images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype,
+            guide_offset_tokens: float) -> dict:
     window_px, token_px, factor = config.window_px, config.token_px, settings.scale
     base = images["base"]
     hires_px = config.base_px * factor
@@ -180,7 +182,7 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies],
                      "policy": get_policy(settings.sampler.policy).to_dict(),
-                     "guide_offset_tokens": _guide_offset_tokens(config, settings)},  # resolved (None: centred)
+                     "guide_offset_tokens": guide_offset_tokens},  # resolved (None: centred)
         "prompts": [s.caption for s in scenes],
         "seconds": seconds,
         "host": {"torch": torch.__version__, "python": platform.python_version(), "model_dtype": str(dtype),
