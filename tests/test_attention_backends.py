@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ultragen.attention import Backend, attend, pick_backend, why_not
+from ultragen.attention import Backend, attend, heads_last_output, pick_backend, why_not
 from ultragen.attention.flex import block_mask
 from ultragen.layout import make_layout
 from ultragen.policy import build_plan
@@ -131,6 +131,23 @@ def test_flex_on_cpu_matches_the_reference_without_recompiling():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_out_buffer_heads_last_and_strided_inputs_match_the_plain_call():
+    """What a FLUX block hands the backends: q, k, v as (B, S, H, D) transposes, the output heads-last."""
+    plan = _tiny_plan()
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(plan, dim=16, dtype=torch.float32))
+    out = heads_last_output(q).fill_(float("nan"))
+    assert attend(q, k, v, plan, "reference", out=out) is out
+    assert out.transpose(1, 2).is_contiguous()  # so the block's reshape to (B, S, H*D) is a view
+    torch.testing.assert_close(out, attend(q.contiguous(), k.contiguous(), v.contiguous(), plan, "reference"))
+
+
+def test_out_buffer_of_the_wrong_shape_is_refused():
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="out must be like q"):
+        attend(q, k, v, plan, "reference", out=torch.empty_like(q)[:, :1])
+
+
 # --- GPU ---------------------------------------------------------------------------------------------------------
 def _poisoned_call(backend, q, k, v, plan):
     """Run ``backend``; where the kernel takes an output buffer, hand it one filled with NaN."""
@@ -201,6 +218,20 @@ def test_leading_query_blocks_only(backend):
     assert out.shape == exact.shape
     cos = F.cosine_similarity(out.flatten(2), exact.flatten(2), dim=-1).min().item()
     assert cos >= (0.999 if backend == "triton-int8" else 0.99999), f"{backend}: min cosine per head {cos:.6f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "triton", "triton-int8"])
+def test_strided_inputs_and_heads_last_output(backend):
+    """The compiled transformer's call: transposed q, k, v views in, a heads-last buffer out, same result."""
+    plan = _plan("2048x2048")
+    plain = _qkv(plan, device="cuda", seed=6)
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in plain]
+    out = heads_last_output(strided[0]).fill_(float("nan"))
+    assert attend(*strided, plan, backend, out=out) is out
+    torch.cuda.synchronize()
+    assert out.isfinite().all(), f"{backend}: rows of the heads-last output not written"
+    torch.testing.assert_close(out, attend(*plain, plan, backend), rtol=0, atol=0 if backend != "flex" else 2e-3)
 
 
 @pytest.mark.gpu

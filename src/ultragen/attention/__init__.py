@@ -30,7 +30,7 @@ class Backend(str, Enum):
     TRITON_INT8 = "triton-int8"  # int8 Q.K^T + fp8 P.V (approximate; never picked by auto); CUDA
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPlan], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, plan, out=None) -> out
 
 _IMPLS: dict[Backend, AttentionFn] = {
     Backend.REFERENCE: reference_attention,
@@ -88,18 +88,37 @@ def pick_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Attent
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, backend: Backend | str = Backend.AUTO
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: AttentionPlan,
+    backend: Backend | str = Backend.AUTO,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention. k, v: (B, H, S, D), S = plan.layout.seq_tokens; q: (B, H, Sq, D), the first Sq
     positions of the sequence (Sq = S, or fewer whole blocks: e.g. text + hires when the guide rows are cached).
+    Any strides with a contiguous last dim.
 
-    Returns (B, H, Sq, D). Scale 1/sqrt(D). q, k, v share dtype and device."""
+    Returns (B, H, Sq, D), written into ``out`` when given (like q, any strides with a contiguous last dim: e.g.
+    :func:`heads_last_output`, which the Triton kernels fill in place). Scale 1/sqrt(D). q, k, v share dtype and
+    device."""
     backend = parse_backend(backend)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must be like q ({tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), got "
+                         f"{tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}")
     if backend is Backend.AUTO:
         backend = pick_backend(q, k, v, plan)
     elif reason := why_not(backend, q, k, v, plan):
         raise RuntimeError(f"attention backend '{backend.value}' cannot run here: {reason}")
-    return _IMPLS[backend](q, k, v, plan)
+    return _IMPLS[backend](q, k, v, plan, out=out)
 
 
-__all__ = ["Backend", "attend", "parse_backend", "pick_backend", "why_not"]
+def heads_last_output(q: torch.Tensor) -> torch.Tensor:
+    """An output buffer for q (B, H, Sq, D) stored as (B, Sq, H, D): the (B, H, Sq, D) view that :func:`attend`
+    fills, whose ``.transpose(1, 2).flatten(2, 3)`` (what a FLUX block does next) is a view, not a copy."""
+    batch, heads, rows, dim = q.shape
+    return q.new_empty(batch, rows, heads, dim).transpose(1, 2)
+
+
+__all__ = ["Backend", "attend", "heads_last_output", "parse_backend", "pick_backend", "why_not"]

@@ -103,11 +103,14 @@ def _compiled_flex() -> Callable:
     return _COMPILED[0]
 
 
-def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+def flex_attention_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """q: (B, H, Sq, D) (the first Sq tokens, whole blocks), k, v: (B, H, S, D) -> (B, H, Sq, D), through compiled
-    FlexAttention under the plan's block mask."""
+    FlexAttention under the plan's block mask; copied into ``out`` (like q) when given."""
     kernel_options = None
     if q.device.type == "cuda" and plan.block_tokens < 128:
         kernel_options = {"BLOCK_M": plan.block_tokens, "BLOCK_N": min(64, plan.block_tokens)}
-    return _compiled_flex()(q, k, v, block_mask=block_mask(plan, q.device, q.shape[-2] // plan.block_tokens),
-                            kernel_options=kernel_options)
+    result = _compiled_flex()(q, k, v, block_mask=block_mask(plan, q.device, q.shape[-2] // plan.block_tokens),
+                              kernel_options=kernel_options)
+    return result if out is None else out.copy_(result)

@@ -25,14 +25,19 @@ def plan_key(plan: AttentionPlan) -> int:
 @torch.library.custom_op("ultragen::attend", mutates_args=())
 def attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str) -> torch.Tensor:
     """``ultragen.attention.attend(q, k, v, plan, backend)`` for the plan registered under ``key``."""
-    from ultragen.attention import attend
+    from ultragen.attention import attend, heads_last_output
 
     plan = _PLANS.get(key)
     if plan is None:
         raise RuntimeError(f"attention plan {key} is no longer alive; keep the plan referenced while it is used")
-    return attend(q.contiguous(), k.contiguous(), v.contiguous(), plan, backend).contiguous()
+    # no copies: the backends take any strides with a contiguous last dim (q arrives as a (B, S, H, D) transpose),
+    # and the output is stored heads-last, so the block's reshape to (B, Sq, H*D) after this call is a view
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return attend(q, k, v, plan, backend, out=heads_last_output(q))
 
 
 @attend_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backend: str) -> torch.Tensor:
-    return q.new_empty(q.shape)  # contiguous, like the real output
+    from ultragen.attention import heads_last_output
+
+    return heads_last_output(q)  # the real output's strides: inductor lays out what follows by these

@@ -21,9 +21,11 @@ SCORE_BYTES = 1 << 30  # fp32 score matrix per chunk when the math kernel runs
 CUDA_MASKED_KEYS_LIMIT = 65536  # the masked efficient-attention kernel is silently wrong beyond this
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """q: (B, H, Sq, D), k, v: (B, H, S, D) -> (B, H, Sq, D). Query block i reads exactly the key blocks the plan
-    allows it."""
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q: (B, H, Sq, D), k, v: (B, H, S, D) -> (B, H, Sq, D), into ``out`` (like q) when given. Query block i reads
+    exactly the key blocks the plan allows it."""
     b = plan.block_tokens
     seq, rows = k.shape[-2], q.shape[-2]
     table = plan.on(q.device, "table")  # (n_blocks, n_blocks) bool
@@ -33,7 +35,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         kernel = sdpa_kernel(SDPBackend.MATH)
         score_rows = SCORE_BYTES // (4 * q.shape[0] * q.shape[1] * seq)
         rows_per_chunk = max(b, min(rows_per_chunk, score_rows // b * b))
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     with kernel:
         for start in range(0, rows, rows_per_chunk):
             stop = min(rows, start + rows_per_chunk)

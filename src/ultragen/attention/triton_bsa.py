@@ -110,7 +110,7 @@ def triton_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention, bf16/fp16. q: (B, H, Sq, D) (the first Sq tokens, whole blocks), k, v: (B, H, S, D)
-    -> (B, H, Sq, D); ``out`` (like q) is written in place when given."""
+    -> (B, H, Sq, D); ``out`` (like q; any strides with a contiguous last dim) is written in place when given."""
     from ultragen.attention import triton_kernels as kernels
 
     batch, heads, rows, dim = q.shape

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ultragen.attention import Backend, attend, parse_backend
+from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
 from ultragen.flux.blocks import (
@@ -124,7 +124,7 @@ class HierFluxTransformer(nn.Module):
         else:
 
             def attention(q, k, v):
-                return attend(q, k, v, plan, self.backend)
+                return attend(q, k, v, plan, self.backend, out=heads_last_output(q))
 
         for i, block in enumerate(tr.transformer_blocks):
             streams = self._run(double_block, block, streams, temb, rope, attention, guide_kv[i])
