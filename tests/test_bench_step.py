@@ -44,9 +44,10 @@ def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
         run_step_bench([256], ["reference"], ff_chunk_tokens=(None, 0), config=config, device="cpu")
     calls = []
     monkeypatch.setattr("ultragen.bench.step.run_step_bench", lambda *args, **kwargs: calls.append(kwargs) or [])
-    assert main(["bench", "step", "--ff-chunk-tokens", "16384", "65536", "--out", str(tmp_path / "s.json")]) == 0
+    assert main(["bench", "step", "--ff-chunk-tokens", "0", "16384", "65536", "--out", str(tmp_path / "s.json")]) == 0
     assert main(["bench", "step", "--out", str(tmp_path / "t.json")]) == 0
-    assert [c["ff_chunk_tokens"] for c in calls] == [[None, 16384, 65536], [None]]
+    assert main(["bench", "step", "--ff-chunk-tokens", "16384", "--out", str(tmp_path / "u.json")]) == 0
+    assert [c["ff_chunk_tokens"] for c in calls] == [[None, 16384, 65536], [None], [16384]]
 
 
 def test_step_plot_is_written(tmp_path):

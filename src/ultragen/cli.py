@@ -63,9 +63,9 @@ def _add_bench_parser(commands) -> None:
     step.add_argument("--precisions", nargs="+", choices=["bf16", "fp8"], default=["bf16", "fp8"],
                       help="linear-layer precisions to measure (default: both; fp8 needs torchao and sm89+)")
     step.add_argument("--no-dense", action="store_true", help="hierarchical only")
-    step.add_argument("--ff-chunk-tokens", type=whole_number, nargs="+", default=[], metavar="N",
-                      help="also measure each hierarchical step with the feed-forward over chunks of N tokens, "
-                           "e.g. 16384 (the pipeline's default; the unchunked step is always measured too)")
+    step.add_argument("--ff-chunk-tokens", type=whole_number, nargs="+", default=[0], metavar="N",
+                      help="hierarchical feed-forward chunk sizes to measure, each a variant: N tokens per chunk "
+                           "(16384 is the pipeline's default), 0 unchunked (default: 0; e.g. 0 16384 for both)")
     step.add_argument("--dense-compile-max-px", type=whole_number, default=8192,
                       help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
     step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
@@ -93,7 +93,7 @@ def run_bench_step(args: argparse.Namespace) -> int:
     run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
                    precisions=args.precisions, dense=not args.no_dense,
                    dense_compile_max_px=args.dense_compile_max_px, on_row=save,
-                   ff_chunk_tokens=[None, *args.ff_chunk_tokens])
+                   ff_chunk_tokens=[n or None for n in dict.fromkeys(args.ff_chunk_tokens)])
     print(f"wrote {path}")
     return 0
 
