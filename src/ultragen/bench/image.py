@@ -4,6 +4,8 @@ and the tiled VAE decode."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -51,11 +53,16 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
     """Generate one image twice (the first call compiles and warms up) and return the second call's stage times."""
     from ultragen.pipeline import UltraGenPipeline
 
+    start = time.perf_counter()
     pipe = UltraGenPipeline(random_flux_dev_pipeline(), model="FLUX.1-dev architecture, random weights")
+    log(f"pipeline built in {time.perf_counter() - start:.0f} s")
     settings = dict(height=size_px, width=size_px, backend=backend, progress=False, output_type="pt")
     if compile_blocks or fp8:
         settings.update(compile_blocks=compile_blocks, fp8=fp8)
-    pipe("warm-up", **settings)
+    start = time.perf_counter()
+    warm = pipe("warm-up", **settings)
+    log(f"warm-up image (compiles when asked) in {time.perf_counter() - start:.0f} s: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in warm.timings_s.items()))
     torch.cuda.reset_peak_memory_stats()
     out = pipe("a lighthouse on a cliff at dawn, highly detailed", **settings)
     stages = {"text": out.timings_s.get("encode", 0.0), "guide": out.timings_s.get("guide", 0.0),
