@@ -286,7 +286,8 @@ def test_ff_chunking_with_gradient_checkpointing_matches_output_and_gradients():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_blocks_get_the_chunk_size_and_match_eager():
+def test_compiled_blocks_run_the_feed_forward_whole_and_match_eager_chunked():
+    """Chunking unrolls into a compiled graph (an 8K FP8 compile did not finish), so compiled blocks run whole."""
     import torch._dynamo
 
     model = tiny_flux()
@@ -306,7 +307,7 @@ def test_compiled_blocks_get_the_chunk_size_and_match_eager():
 
         compiled._compiled[fn] = spy
     torch.testing.assert_close(hier_forward(compiled, plan, inputs), eager, rtol=1e-5, atol=1e-5)
-    assert seen == [48, 48]  # the double and the single block
+    assert seen == [None, None]  # the double and the single block
     later = {**inputs, "timestep": torch.full((1,), 0.2)}
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = hier_forward(compiled, plan, later)

@@ -161,7 +161,7 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
     gen.add_argument("--ff-chunk-tokens", type=int, metavar="N", default=16384,
                      help="feed-forward over chunks of N tokens: less activation memory at 8K, and what lets --fp8 "
-                          "run there on 80 GB (default 16384; 0: off)")
+                          "run there on 80 GB without --compile; compiled blocks run it whole (default 16384; 0: off)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
