@@ -65,3 +65,42 @@ def test_step_plot_is_written(tmp_path):
     result.write_text(json.dumps({"gpu": "test", "torch": "x", "rows": rows}))
     png = plot_step_result(result)
     assert png.suffix == ".png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_bench_measures_with_and_without_the_guide_cache(tmp_path, monkeypatch):
+    from ultragen.cli import main
+    from ultragen.flux import HierFluxTransformer
+
+    passes = []
+
+    class Recording(HierFluxTransformer):
+        def _guide_pass(self, *args, **kwargs):
+            passes.append(self.cache_guide)
+            return super()._guide_pass(*args, **kwargs)
+
+    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", Recording)
+    config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
+    rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16",), config=config,
+                          device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=2, log=lambda _: None,
+                          dense=False, guide_cache=(True, False))
+    assert sorted(r.guide_cache for r in rows) == [False, True]
+    assert passes == [True]  # cached: one guide pass for warm-up and both timed calls; uncached: none (in-stream)
+    calls = []
+    monkeypatch.setattr("ultragen.bench.step.run_step_bench", lambda *args, **kwargs: calls.append(kwargs) or [])
+    assert main(["bench", "step", "--guide-cache", "on", "off", "--out", str(tmp_path / "s.json")]) == 0
+    assert main(["bench", "step", "--out", str(tmp_path / "t.json")]) == 0
+    assert [c["guide_cache"] for c in calls] == [[True, False], [True]]
+
+
+def test_bench_image_cli_passes_its_levers(tmp_path, monkeypatch):
+    """The whole-image benchmark needs a GPU and full-size weights; here only what the CLI hands it."""
+    from ultragen.cli import main
+
+    calls = []
+    monkeypatch.setattr("ultragen.bench.image.run_image_bench",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or {"total_s": 1.0})
+    monkeypatch.setattr("ultragen.bench.record.environment", lambda: {"gpu": "none (test)"})
+    out = tmp_path / "i.json"
+    assert main(["bench", "image", "--compile", "--fp8", "--offload-text-encoders", "--out", str(out)]) == 0
+    assert calls == [((4096, "auto"), {"compile_blocks": True, "fp8": True, "offload_text_encoders": True})]
+    assert '"total_s": 1.0' in out.read_text()

@@ -66,6 +66,9 @@ def _add_bench_parser(commands) -> None:
     step.add_argument("--ff-chunk-tokens", type=whole_number, nargs="+", default=[0], metavar="N",
                       help="hierarchical feed-forward chunk sizes to measure, each a variant: N tokens per chunk "
                            "(16384 is the pipeline's default), 0 unchunked (default: 0; e.g. 0 16384 for both)")
+    step.add_argument("--guide-cache", nargs="+", choices=["on", "off"], default=["on"],
+                      help="hierarchical step with the guide's keys and values cached (on, the pipeline's way) "
+                           "and/or computed in every step (off) (default: on)")
     step.add_argument("--dense-compile-max-px", type=whole_number, default=8192,
                       help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
     step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
@@ -75,6 +78,8 @@ def _add_bench_parser(commands) -> None:
     image.add_argument("--backend", default="auto")
     image.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     image.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
+    image.add_argument("--offload-text-encoders", action="store_true",
+                       help="move the text encoders to the CPU after encoding (the peak memory it saves)")
     image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json)")
     image.set_defaults(run=run_bench_image)
 
@@ -93,7 +98,8 @@ def run_bench_step(args: argparse.Namespace) -> int:
     run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
                    precisions=args.precisions, dense=not args.no_dense,
                    dense_compile_max_px=args.dense_compile_max_px, on_row=save,
-                   ff_chunk_tokens=[n or None for n in dict.fromkeys(args.ff_chunk_tokens)])
+                   ff_chunk_tokens=[n or None for n in dict.fromkeys(args.ff_chunk_tokens)],
+                   guide_cache=[c == "on" for c in dict.fromkeys(args.guide_cache)])
     print(f"wrote {path}")
     return 0
 
@@ -102,7 +108,8 @@ def run_bench_image(args: argparse.Namespace) -> int:
     from ultragen.bench.image import run_image_bench
     from ultragen.bench.record import result_path, write_result
 
-    result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8)
+    result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8,
+                             offload_text_encoders=args.offload_text_encoders)
     print(f"wrote {write_result(args.out or result_path('image'), {'image': result})}")
     return 0
 

@@ -49,7 +49,7 @@ def random_flux_dev_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bf
 
 
 def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: bool = False, fp8: bool = False,
-                    log=print) -> dict:
+                    offload_text_encoders: bool = False, log=print) -> dict:
     """Generate one image twice (the first call compiles and warms up) and return the second call's stage times."""
     from ultragen.pipeline import UltraGenPipeline
 
@@ -57,8 +57,8 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
     pipe = UltraGenPipeline(random_flux_dev_pipeline(), model="FLUX.1-dev architecture, random weights")
     log(f"pipeline built in {time.perf_counter() - start:.0f} s")
     settings = dict(height=size_px, width=size_px, backend=backend, progress=False, output_type="pt")
-    if compile_blocks or fp8:
-        settings.update(compile_blocks=compile_blocks, fp8=fp8)
+    if compile_blocks or fp8 or offload_text_encoders:
+        settings.update(compile_blocks=compile_blocks, fp8=fp8, offload_text_encoders=offload_text_encoders)
     start = time.perf_counter()
     warm = pipe("warm-up", **settings)
     log(f"warm-up image (compiles when asked) in {time.perf_counter() - start:.0f} s: "
@@ -69,7 +69,7 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
               "hires": out.timings_s.get("hires", 0.0), "decode": out.timings_s.get("decode", 0.0)}
     result = {"size": f"{size_px}x{size_px}", "total_s": sum(stages.values()), "stages": stages,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "backend": backend, "compile": compile_blocks,
-              "fp8": fp8, "ff_chunk_tokens": out.config.ff_chunk_tokens,
+              "fp8": fp8, "ff_chunk_tokens": out.config.ff_chunk_tokens, "offload_text_encoders": offload_text_encoders,
               "guide_steps": out.config.guide_steps, "hires_steps": out.config.steps - out.config.warm_start_skip,
               "finite": bool(torch.isfinite(out.images).all())}
     log(result)

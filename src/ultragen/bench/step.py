@@ -6,7 +6,7 @@ guide cache warm (its one pass per image is not a step). Each configuration eage
 ``torch.compile`` of the blocks), then the same with FP8 linears (torchao), whose step output is also compared with
 the bf16 one (relative L2 error). Times are wall-clock medians (device synchronised) after a warm-up call.
 Optionally the hierarchical step again with the feed-forward chunked over tokens (``ff_chunk_tokens``, one variant
-per chunk size).
+per chunk size) and without the guide cache (``guide_cache``: the guide's rows computed in every step).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class StepRow:
     peak_gb: float
     rel_err_vs_bf16: float | None = None
     ff_chunk_tokens: int | None = None  # hierarchical feed-forward over token chunks of this size; None: unchunked
+    guide_cache: bool = True  # hierarchical: the guide's keys and values computed once (False: in every step)
 
 
 def _sync() -> None:
@@ -115,6 +116,7 @@ def _measure(label: dict, fn: Callable[[], torch.Tensor], repeats: int, log) -> 
         return None, None
     row = StepRow(**label, s_per_step=seconds, peak_gb=_peak_gb())
     chunk = f" ff_chunk={row.ff_chunk_tokens}" if row.ff_chunk_tokens is not None else ""
+    chunk += "" if row.guide_cache or row.mode == "dense" else " no guide cache"
     log(f"{row.size:>10} {row.mode:<5} {row.backend:<12} compile={row.compile!s:<5} fp8={row.fp8!s:<5} "
         f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB{chunk}")
     return row, out
@@ -126,10 +128,12 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                    dense_compile_max_px: int = 8192, repeats: int = 2, log=print, config: dict = FLUX1_DEV,
                    device: str = "cuda", text_tokens: int = 512, block_tokens: int = 128,
                    window_tokens: int = 16, on_row: Callable[[list[StepRow]], None] | None = None,
-                   ff_chunk_tokens: Sequence[int | None] = (None,)) -> list[StepRow]:
+                   ff_chunk_tokens: Sequence[int | None] = (None,),
+                   guide_cache: Sequence[bool] = (True,)) -> list[StepRow]:
     """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again.
     ``on_row(rows)`` is called after every measurement (to save partial results of a long run).
-    ``ff_chunk_tokens``: the hierarchical variants to measure (None: unchunked; N: feed-forward over N-token chunks).
+    ``ff_chunk_tokens``: the hierarchical variants to measure (None: unchunked; N: feed-forward over N-token chunks);
+    ``guide_cache``: with (True) and/or without (False) the guide cache, each combined with every chunk size.
     (``config``, ``device`` and the geometry arguments exist for a CPU smoke run with a tiny model.)"""
     for chunk in ff_chunk_tokens:
         check_ff_chunk_tokens(chunk)  # before the model loads
@@ -147,20 +151,22 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
             hiers = {}
             for backend in backends:
                 for chunk in ff_chunk_tokens:
-                    hiers[backend, chunk] = HierFluxTransformer(model, backend=backend, ff_chunk_tokens=chunk)
-                    if compiled:
-                        hiers[backend, chunk].compile_blocks()
+                    for cache in guide_cache:
+                        hier = HierFluxTransformer(model, backend=backend, ff_chunk_tokens=chunk, cache_guide=cache)
+                        if compiled:
+                            hier.compile_blocks()
+                        hiers[backend, chunk, cache] = hier
             if compiled and dense:
                 model.compile_repeated_blocks(dynamic=False)
             for size in sizes_px:
                 name = f"{size}x{size}"
-                for (backend, chunk), hier in hiers.items():
+                for (backend, chunk, cache), hier in hiers.items():
                     label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8,
-                                 ff_chunk_tokens=chunk)
+                                 ff_chunk_tokens=chunk, guide_cache=cache)
                     row, out = _measure(label, _hier_call(hier, size, text_tokens, block_tokens, window_tokens), repeats, log)
                     if row is None:
                         continue
-                    key = f"{name}/{backend}/{compiled}/{chunk}"
+                    key = f"{name}/{backend}/{compiled}/{chunk}/{cache}"
                     if not use_fp8:
                         reference[key] = out.float().cpu()
                     elif key in reference:
