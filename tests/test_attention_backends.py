@@ -131,21 +131,43 @@ def test_flex_on_cpu_matches_the_reference_without_recompiling():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_out_buffer_heads_last_and_strided_inputs_match_the_plain_call():
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_out_buffer_heads_last_and_strided_inputs_match_the_plain_call(backend):
     """What a FLUX block hands the backends: q, k, v as (B, S, H, D) transposes, the output heads-last."""
     plan = _tiny_plan()
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(plan, dim=16, dtype=torch.float32))
     out = heads_last_output(q).fill_(float("nan"))
-    assert attend(q, k, v, plan, "reference", out=out) is out
+    assert attend(q, k, v, plan, backend, out=out) is out
     assert out.transpose(1, 2).is_contiguous()  # so the block's reshape to (B, S, H*D) is a view
-    torch.testing.assert_close(out, attend(q.contiguous(), k.contiguous(), v.contiguous(), plan, "reference"))
+    expected = attend(q.double(), k.double(), v.double(), plan, "reference")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_out_buffer_of_the_wrong_shape_is_refused():
+@pytest.mark.parametrize("bad, message", [
+    (lambda q, k: torch.empty_like(q)[:, :1], "out must be like q"),
+    (lambda q, k: torch.empty_like(q, dtype=torch.float64), "out must be like q"),
+    (lambda q, k: torch.empty_like(q).transpose(-1, -2).contiguous().transpose(-1, -2), "last dim contiguous"),
+    (lambda q, k: torch.empty_like(q[:, :1]).expand(q.shape), "overlapping"),
+    (lambda q, k: k, "shares memory"),
+])
+def test_a_bad_out_buffer_is_refused_with_the_fix(bad, message):
     plan = _tiny_plan()
     q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
-    with pytest.raises(ValueError, match="out must be like q"):
-        attend(q, k, v, plan, "reference", out=torch.empty_like(q)[:, :1])
+    with pytest.raises(ValueError, match=message):
+        attend(q, k, v, plan, "reference", out=bad(q, k))
+
+
+def test_the_compiled_blocks_attention_op_keeps_its_stride_contract():
+    """The custom op's real output must have the fake's (heads-last) strides, or inductor lays out what follows
+    wrongly; opcheck compares them (and the op's schema, autograd registration and fake behaviour)."""
+    from ultragen.attention.op import attend_op, plan_key
+
+    plan = _tiny_plan()
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(plan, dim=16, dtype=torch.float32))
+    torch.library.opcheck(attend_op, (q, k, v, plan_key(plan), "reference"))
+    out = attend_op(q, k, v, plan_key(plan), "reference")
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, attend(q, k, v, plan, "reference"))
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------------

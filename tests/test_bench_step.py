@@ -40,6 +40,14 @@ def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
                           ff_chunk_tokens=(None, 64))  # 256 hires tokens: 4 chunks
     assert sorted((r.mode, r.ff_chunk_tokens or 0) for r in rows) == [("dense", 0), ("hier", 0), ("hier", 64)]
     assert set(used) == {None, 64}
+    used.clear()
+    monkeypatch.setattr(Recording, "compile_blocks", lambda self: None)  # the compiled path, without compiling
+    logs = []
+    rows = run_step_bench([256], ["reference"], compile_modes=(True,), precisions=("bf16",), config=config,
+                          device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=logs.append,
+                          dense=False, ff_chunk_tokens=(None, 64))
+    assert [(r.compile, r.ff_chunk_tokens) for r in rows] == [(True, None)]  # compiled blocks run whole
+    assert any("chunk variants are measured eager only" in line for line in logs)
     with pytest.raises(ValueError, match="ff_chunk_tokens=0 must be None"):
         run_step_bench([256], ["reference"], ff_chunk_tokens=(None, 0), config=config, device="cpu")
     calls = []

@@ -103,15 +103,24 @@ def attend(
     :func:`heads_last_output`, which the Triton kernels fill in place). Scale 1/sqrt(D). q, k, v share dtype and
     device."""
     backend = parse_backend(backend)
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
-                            or out.stride(-1) != 1):
-        raise ValueError(f"out must be like q ({tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), got "
-                         f"{tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}")
+    if out is not None:
+        _check_out(out, q, k, v)
     if backend is Backend.AUTO:
         backend = pick_backend(q, k, v, plan)
     elif reason := why_not(backend, q, k, v, plan):
         raise RuntimeError(f"attention backend '{backend.value}' cannot run here: {reason}")
     return _IMPLS[backend](q, k, v, plan, out=out)
+
+
+def _check_out(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be like q ({tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), got "
+                         f"{tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}")
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        raise ValueError(f"out has overlapping elements (strides {out.stride()}, e.g. from expand); pass a fresh "
+                         "buffer such as heads_last_output(q)")
+    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (q, k, v)):
+        raise ValueError("out shares memory with q, k or v; pass a fresh buffer such as heads_last_output(q)")
 
 
 def heads_last_output(q: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def triton_attention(
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         flat = [t.contiguous().view(-1, dim) for t in tensors[:3]]
-        out_flat = out if out.is_contiguous() else torch.empty_like(q)
+        out_flat = out if out.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         flat.append(out_flat.view(-1, dim))
         blocks = (plan.block_tokens, config.block_n, config.block_n, plan.block_tokens)
         tensors = tuple(TensorDescriptor.from_tensor(t, [rows, dim]) for t, rows in zip(flat, blocks))

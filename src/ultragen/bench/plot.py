@@ -21,6 +21,8 @@ def plot_step_result(result_path: str | Path, png_path: str | Path | None = None
         name = f"{row['mode']} {row['backend']}" + (" compiled" if row["compile"] else "") + (" fp8" if row["fp8"] else "")
         if row.get("ff_chunk_tokens"):  # absent in results written before the variant existed
             name += f" ff-chunk {row['ff_chunk_tokens']}"
+        if row["mode"] == "hier" and row.get("guide_cache") is False:
+            name += " no guide cache"
         side = int(row["size"].split("x")[0])
         best = series.setdefault(name, {}).get(side)
         if best is None or row["s_per_step"] < best[0]:

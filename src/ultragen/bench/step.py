@@ -149,8 +149,12 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
             log(f"FP8: converted {quantize_blocks_fp8(model)} linear layers")
         for compiled in compile_modes:
             hiers = {}
+            # compiled blocks run the feed-forward whole (HierFluxTransformer), so chunk variants are eager-only
+            chunks = [None] if compiled else list(ff_chunk_tokens)
+            if compiled and any(ff_chunk_tokens):
+                log("compiled: the feed-forward runs whole, so the chunk variants are measured eager only")
             for backend in backends:
-                for chunk in ff_chunk_tokens:
+                for chunk in chunks:
                     for cache in guide_cache:
                         hier = HierFluxTransformer(model, backend=backend, ff_chunk_tokens=chunk, cache_guide=cache)
                         if compiled:
