@@ -189,6 +189,30 @@ def test_compiled_blocks_match_eager_and_do_not_recompile():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_new_plan_for_the_same_layout_reuses_the_compiled_blocks():
+    """Each image builds its own plan; the compiled blocks must not recompile for it (dynamo guards on the
+    attention op's plan key, and falls back to eager silently after its recompile limit)."""
+    import torch._dynamo
+
+    from ultragen.attention.op import plan_key
+
+    model = tiny_flux(layers=1, single_layers=1)
+    layout = tiny_layout(8, 16)
+    inputs = tiny_inputs(layout)
+    compiled = HierFluxTransformer(model, backend="reference")
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    first = build_plan(layout)
+    hier_forward(compiled, first, inputs)
+    second = build_plan(layout)  # the next image's plan, while the first is still alive
+    assert plan_key(second) == plan_key(first)
+    assert plan_key(build_plan(tiny_layout(8, 8))) != plan_key(first)  # another table, another key
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = hier_forward(compiled, second, inputs)
+    torch.testing.assert_close(again, hier_forward(HierFluxTransformer(model, backend="reference"), second, inputs),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_guidance_on_a_model_without_guidance_embedding_is_refused():
     from diffusers import FluxTransformer2DModel
 

@@ -2,11 +2,14 @@
 as one opaque call (no graph break, no tracing into Triton or into the plan's Python objects).
 
 The plan travels as an integer key into a registry of live plans; under ``torch.compile(dynamic=False)`` the key is
-a constant, so each plan (one per resolution) compiles once.
+a constant that dynamo guards on, so the key is a function of the plan's content (its block table), not of the
+object: the new plan that each image builds for the same layout and policy reuses the compiled graphs instead of
+recompiling them (dynamo falls back to eager, silently, after its recompile limit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 
 import torch
@@ -14,12 +17,21 @@ import torch
 from ultragen.policy import AttentionPlan
 
 _PLANS: weakref.WeakValueDictionary[int, AttentionPlan] = weakref.WeakValueDictionary()
+_KEY_OF: weakref.WeakKeyDictionary[AttentionPlan, int] = weakref.WeakKeyDictionary()
+_KEYS: dict[bytes, int] = {}  # block-table digest -> key; one entry per distinct table seen in this process
 
 
 def plan_key(plan: AttentionPlan) -> int:
-    """Register ``plan`` (weakly) and return its key."""
-    _PLANS[id(plan)] = plan
-    return id(plan)
+    """Register ``plan`` (weakly) and return its key: equal for plans with equal block tables."""
+    key = _KEY_OF.get(plan)
+    if key is None:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{plan.block_tokens}/{plan.layout.seq_tokens}/{tuple(plan.kv_indices.shape)}".encode())
+        digest.update(plan.kv_counts.cpu().numpy().tobytes())
+        digest.update(plan.kv_indices.cpu().numpy().tobytes())
+        key = _KEY_OF[plan] = _KEYS.setdefault(digest.digest(), len(_KEYS))
+    _PLANS[key] = plan
+    return key
 
 
 @torch.library.custom_op("ultragen::attend", mutates_args=())
