@@ -148,7 +148,9 @@ def test_out_buffer_heads_last_and_strided_inputs_match_the_plain_call(backend):
     (lambda q, k: torch.empty_like(q, dtype=torch.float64), "out must be like q"),
     (lambda q, k: torch.empty_like(q).transpose(-1, -2).contiguous().transpose(-1, -2), "last dim contiguous"),
     (lambda q, k: torch.empty_like(q[:, :1]).expand(q.shape), "overlapping"),
-    (lambda q, k: k, "shares memory"),
+    (lambda q, k: k, "overlaps q, k or v"),
+    (lambda q, k: k[..., :], "overlaps q, k or v"),  # a view of k
+    (lambda q, k: torch.empty(q.numel(), dtype=q.dtype).as_strided(q.shape, (0, 16, 1, 1)), "overlapping"),
 ])
 def test_a_bad_out_buffer_is_refused_with_the_fix(bad, message):
     plan = _tiny_plan()
@@ -157,13 +159,40 @@ def test_a_bad_out_buffer_is_refused_with_the_fix(bad, message):
         attend(q, k, v, plan, "reference", out=bad(q, k))
 
 
-def test_the_compiled_blocks_attention_op_keeps_its_stride_contract():
+def test_an_out_buffer_beside_q_in_one_workspace_is_accepted():
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    workspace = torch.empty(2, *q.shape)
+    workspace[0] = q
+    out = attend(workspace[0], k, v, plan, "reference", out=workspace[1])
+    torch.testing.assert_close(out, attend(q, k, v, plan, "reference"))
+
+
+def test_the_op_finds_a_live_plan_when_an_equal_one_is_freed():
+    import gc
+
+    from ultragen.attention.op import attend_op, plan_key
+
+    plan = _tiny_plan()
+    key = plan_key(plan)
+    twin = _tiny_plan()
+    assert plan_key(twin) == key
+    del twin
+    gc.collect()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    torch.testing.assert_close(attend_op(q, k, v, key, "reference"), attend(q, k, v, plan, "reference"))
+
+
+@pytest.mark.parametrize("heads_last_q", [True, False])
+def test_the_compiled_blocks_attention_op_keeps_its_stride_contract(heads_last_q):
     """The custom op's real output must have the fake's (heads-last) strides, or inductor lays out what follows
     wrongly; opcheck compares them (and the op's schema, autograd registration and fake behaviour)."""
     from ultragen.attention.op import attend_op, plan_key
 
     plan = _tiny_plan()
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(plan, dim=16, dtype=torch.float32))
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    if heads_last_q:  # as a FLUX block hands them over
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     torch.library.opcheck(attend_op, (q, k, v, plan_key(plan), "reference"))
     out = attend_op(q, k, v, plan_key(plan), "reference")
     assert out.transpose(1, 2).is_contiguous()

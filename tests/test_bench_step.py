@@ -47,6 +47,7 @@ def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
                           device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=logs.append,
                           dense=False, ff_chunk_tokens=(None, 64))
     assert [(r.compile, r.ff_chunk_tokens) for r in rows] == [(True, None)]  # compiled blocks run whole
+    assert set(used) == {None}
     assert any("chunk variants are measured eager only" in line for line in logs)
     with pytest.raises(ValueError, match="ff_chunk_tokens=0 must be None"):
         run_step_bench([256], ["reference"], ff_chunk_tokens=(None, 0), config=config, device="cpu")

@@ -99,8 +99,9 @@ def attend(
     positions of the sequence (Sq = S, or fewer whole blocks: e.g. text + hires when the guide rows are cached).
     Any strides with a contiguous last dim.
 
-    Returns (B, H, Sq, D), written into ``out`` when given (like q, any strides with a contiguous last dim: e.g.
-    :func:`heads_last_output`, which the Triton kernels fill in place). Scale 1/sqrt(D). q, k, v share dtype and
+    Returns (B, H, Sq, D), written into ``out`` when given (like q, any strides with a contiguous last dim, no
+    element twice and not overlapping q, k or v: e.g. :func:`heads_last_output`, which the Triton kernels fill in
+    place). Scale 1/sqrt(D). q, k, v share dtype and
     device."""
     backend = parse_backend(backend)
     if out is not None:
@@ -116,11 +117,36 @@ def _check_out(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be like q ({tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), got "
                          f"{tuple(out.shape)}, {out.dtype}, {out.device}, strides {out.stride()}")
-    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+    if out.numel() == 0:
+        return
+    if _self_overlapping(out):
         raise ValueError(f"out has overlapping elements (strides {out.stride()}, e.g. from expand); pass a fresh "
                          "buffer such as heads_last_output(q)")
-    if any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in (q, k, v)):
-        raise ValueError("out shares memory with q, k or v; pass a fresh buffer such as heads_last_output(q)")
+    if any(_byte_ranges_meet(out, t) for t in (q, k, v)):
+        raise ValueError("out overlaps q, k or v in memory; pass a fresh buffer such as heads_last_output(q)")
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two indices of ``t`` can address one element (a zero stride, or strides too small for the sizes)."""
+    extent = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def _byte_ranges_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect (a conservative test: spans, not elements)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * s for s, n in zip(t.stride(), t.shape))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def heads_last_output(q: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from ultragen.policy import AttentionPlan
 
-_PLANS: weakref.WeakValueDictionary[int, AttentionPlan] = weakref.WeakValueDictionary()
+_PLANS: dict[int, weakref.WeakSet[AttentionPlan]] = {}  # key -> the live plans with that table (any one will do)
 _KEY_OF: weakref.WeakKeyDictionary[AttentionPlan, int] = weakref.WeakKeyDictionary()
 _KEYS: dict[bytes, int] = {}  # block-table digest -> key; one entry per distinct table seen in this process
 
@@ -30,7 +30,7 @@ def plan_key(plan: AttentionPlan) -> int:
         digest.update(plan.kv_counts.cpu().numpy().tobytes())
         digest.update(plan.kv_indices.cpu().numpy().tobytes())
         key = _KEY_OF[plan] = _KEYS.setdefault(digest.digest(), len(_KEYS))
-    _PLANS[key] = plan
+    _PLANS.setdefault(key, weakref.WeakSet()).add(plan)
     return key
 
 
@@ -39,7 +39,7 @@ def attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: int, backe
     """``ultragen.attention.attend(q, k, v, plan, backend)`` for the plan registered under ``key``."""
     from ultragen.attention import attend, heads_last_output
 
-    plan = _PLANS.get(key)
+    plan = next(iter(_PLANS.get(key, ())), None)
     if plan is None:
         raise RuntimeError(f"attention plan {key} is no longer alive; keep the plan referenced while it is used")
     # no copies: the backends take any strides with a contiguous last dim (q arrives as a (B, S, H, D) transpose),
