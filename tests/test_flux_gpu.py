@@ -89,3 +89,32 @@ def test_locality_on_gpu():
     hires = plan.query_blocks_of(Segment.HIRES)
     inside = reached[hires.start:hires.stop].repeat_interleave(8).cuda()
     assert torch.equal(out[:, ~inside], base[:, ~inside])
+
+
+def test_compiled_triton_blocks_match_eager_and_reuse_their_graphs_for_a_new_plan():
+    """The compiled path as `generate --compile` runs it: the attention custom op with strided q, k, v and a
+    heads-last output, then the next image's plan (same layout) without a recompile."""
+    import torch._dynamo
+    from diffusers import FluxTransformer2DModel
+
+    from flux_tiny import CHANNELS, JOINT_DIM, POOLED_DIM
+    from ultragen.layout import make_layout
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(  # head dim 64: the smallest the Triton kernel takes
+        patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=JOINT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28),
+    ).eval().to("cuda", BF16)
+    layout = make_layout(512, 512, window_tokens=8, rho=2, text_tokens=64, block_tokens=64)
+    inputs = {**tiny_inputs(layout), "encoder_hidden_states": torch.randn(1, 64, JOINT_DIM)}
+    inputs = to(inputs)
+    eager = hier_forward(HierFluxTransformer(model, backend="triton"), build_plan(layout), inputs)
+    compiled = HierFluxTransformer(model, backend="triton")
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    out = hier_forward(compiled, build_plan(layout), inputs)
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = hier_forward(compiled, build_plan(layout), inputs)
+    torch.testing.assert_close(again, out, rtol=1e-3, atol=1e-3)
