@@ -101,8 +101,7 @@ def attend(
 
     Returns (B, H, Sq, D), written into ``out`` when given (like q, any strides with a contiguous last dim, no
     element twice and not overlapping q, k or v: e.g. :func:`heads_last_output`, which the Triton kernels fill in
-    place). Scale 1/sqrt(D). q, k, v share dtype and
-    device."""
+    place). Scale 1/sqrt(D). q, k, v share dtype and device."""
     backend = parse_backend(backend)
     if out is not None:
         _check_out(out, q, k, v)

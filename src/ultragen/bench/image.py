@@ -56,9 +56,8 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
     start = time.perf_counter()
     pipe = UltraGenPipeline(random_flux_dev_pipeline(), model="FLUX.1-dev architecture, random weights")
     log(f"pipeline built in {time.perf_counter() - start:.0f} s")
-    settings = dict(height=size_px, width=size_px, backend=backend, progress=False, output_type="pt")
-    if compile_blocks or fp8 or offload_text_encoders:
-        settings.update(compile_blocks=compile_blocks, fp8=fp8, offload_text_encoders=offload_text_encoders)
+    settings = dict(height=size_px, width=size_px, backend=backend, progress=False, output_type="pt",
+                    compile_blocks=compile_blocks, fp8=fp8, offload_text_encoders=offload_text_encoders)
     start = time.perf_counter()
     warm = pipe("warm-up", **settings)
     log(f"warm-up image (compiles when asked) in {time.perf_counter() - start:.0f} s: "

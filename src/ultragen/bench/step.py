@@ -115,10 +115,10 @@ def _measure(label: dict, fn: Callable[[], torch.Tensor], repeats: int, log) -> 
         log(f"{label}: failed: {type(error).__name__}: {str(error)[:300]}")
         return None, None
     row = StepRow(**label, s_per_step=seconds, peak_gb=_peak_gb())
-    chunk = f" ff_chunk={row.ff_chunk_tokens}" if row.ff_chunk_tokens is not None else ""
-    chunk += "" if row.guide_cache or row.mode == "dense" else " no guide cache"
+    variant = f" ff_chunk={row.ff_chunk_tokens}" if row.ff_chunk_tokens is not None else ""
+    variant += "" if row.guide_cache or row.mode == "dense" else " no guide cache"
     log(f"{row.size:>10} {row.mode:<5} {row.backend:<12} compile={row.compile!s:<5} fp8={row.fp8!s:<5} "
-        f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB{chunk}")
+        f"{row.s_per_step:8.3f} s  {row.peak_gb:6.1f} GB{variant}")
     return row, out
 
 
