@@ -118,3 +118,47 @@ def test_compiled_triton_blocks_match_eager_and_reuse_their_graphs_for_a_new_pla
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = hier_forward(compiled, build_plan(layout), inputs)
     torch.testing.assert_close(again, out, rtol=1e-3, atol=1e-3)
+
+
+def test_fp8_blocks_stay_close_to_bf16_and_leave_the_process_settings_alone():
+    """FP8 linears (torchao) in the blocks only; eager and compiled outputs near bf16's. torchao's default would also
+    switch on inductor's coordinate-descent tuning and float32 matmul precision "high" for the whole process (it made
+    the first compiled FP8 4K image warm up in 516 s instead of 57 s on an H100): they must stay as they were."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    from diffusers import FluxTransformer2DModel
+
+    from flux_tiny import CHANNELS, JOINT_DIM, POOLED_DIM
+    from ultragen.flux.fp8 import fp8_unavailable, quantize_blocks_fp8
+    from ultragen.layout import make_layout
+
+    if reason := fp8_unavailable():
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=JOINT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=True,
+        axes_dims_rope=(8, 28, 28),
+    ).eval().to("cuda", BF16)
+    layout = make_layout(512, 512, window_tokens=8, rho=2, text_tokens=64, block_tokens=64)
+    plan = build_plan(layout)
+    inputs = to({**tiny_inputs(layout), "encoder_hidden_states": torch.randn(1, 64, JOINT_DIM)})
+    bf16 = hier_forward(HierFluxTransformer(model, backend="triton"), plan, inputs).float()
+    in_blocks = [name for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "transformer_blocks." in name]
+    settings = (inductor_config.coordinate_descent_tuning, torch.get_float32_matmul_precision())
+
+    assert quantize_blocks_fp8(model) == len(in_blocks) > 0
+    assert (inductor_config.coordinate_descent_tuning, torch.get_float32_matmul_precision()) == settings
+    assert type(model.x_embedder.weight) is torch.nn.Parameter and model.x_embedder.weight.dtype == BF16
+    assert type(model.transformer_blocks[0].attn.to_q.weight.data) is not torch.Tensor  # an FP8 tensor subclass
+
+    def rel(out):
+        return float((out.float() - bf16).norm() / bf16.norm())
+
+    eager = hier_forward(HierFluxTransformer(model, backend="triton"), plan, inputs)
+    compiled = HierFluxTransformer(model, backend="triton")
+    compiled.compile_blocks()
+    torch._dynamo.reset()
+    fast = hier_forward(compiled, plan, inputs)
+    assert 0 < rel(eager) < 0.1 and 0 < rel(fast) < 0.1, (rel(eager), rel(fast))

@@ -343,3 +343,19 @@ def test_compiled_blocks_run_the_feed_forward_whole_and_match_eager_chunked():
 def test_bad_ff_chunk_tokens_is_refused_with_the_rule(value):
     with pytest.raises(ValueError, match=r"ff_chunk_tokens=.* must be None \(no chunking\) or a whole number >= 1"):
         HierFluxTransformer(tiny_flux(), backend="reference", ff_chunk_tokens=value)
+
+
+def test_compiled_gelu_form_equals_the_tanh_gelu(monkeypatch):
+    """Compiled blocks write GELU-tanh as x * sigmoid(2u) (a faster fused FP8 quantisation on the GPU): the same
+    function. Checked in float64, where any mistake in the constants would show."""
+    import torch.nn.functional as F
+
+    from ultragen.flux import blocks
+
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(blocks.gelu(x, "tanh"), F.gelu(x, approximate="tanh"), rtol=1e-13, atol=1e-13)
+    assert not torch.equal(blocks.gelu(x, "none"), F.gelu(x, approximate="tanh"))  # the exact form stays exact
+    torch.testing.assert_close(blocks.gelu(x, "none"), F.gelu(x), rtol=0, atol=0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert torch.equal(blocks.gelu(x, "tanh"), F.gelu(x, approximate="tanh"))  # eager: the one fused kernel
