@@ -288,3 +288,36 @@ def test_installed_command_runs_offline_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(tmp_path / "fox.png").size == (512, 768)
     assert "wrote" in done.stderr
+
+
+def test_no_guide_cache_reaches_the_hierarchical_pass_and_keeps_the_latents(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    seen = []
+    guide_pass = HierFluxTransformer._guide_pass
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.cache_guide)
+        return guide_pass(self, *args, **kwargs)
+
+    monkeypatch.setattr(HierFluxTransformer, "_guide_pass", recording)
+    for name, extra in [("cached", []), ("uncached", ["--no-guide-cache"])]:
+        assert generate("--prompt", "a red fox", "--width", "512", "--height", "512", "--out",
+                        str(tmp_path / f"{name}.png"), *extra) == 0
+    # the cached run's one guide pass; uncached, the guide runs inside every step instead. (Before generate_latents
+    # ran under no_grad, `ultragen generate` built an autograd graph and never used the cache: seen was [].)
+    assert seen == [True]
+    assert json.loads((tmp_path / "uncached.json").read_text())["config"]["cache_guide"] is False
+    cached, uncached = (load_file(tmp_path / f"{n}.latent.safetensors") for n in ("cached", "uncached"))
+    for key in cached:
+        torch.testing.assert_close(uncached[key], cached[key], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_latents_builds_no_autograd_graph_even_with_grad_enabled():
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    assert any(p.requires_grad for p in pipe.flux.transformer.parameters())
+    config = pipe.make_config(None, 256, 256, 3, guide_steps=2, warm_start_skip=1)
+    with torch.enable_grad():
+        latents, guide, _ = pipe.generate_latents("a red fox", config, progress=False)
+        images = pipe.decode(latents, progress=False)
+    assert not latents.requires_grad and not guide.requires_grad and not images.requires_grad

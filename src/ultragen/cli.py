@@ -164,6 +164,9 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--lora-force", action="store_true", help="use the LoRA even if its settings differ")
     gen.add_argument("--vae-tile", type=whole_number, help="VAE decode tile in pixels (default: the VAE's)")
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
+    gen.add_argument("--no-guide-cache", action="store_true",
+                     help="recompute the guide's keys/values every step instead of once per image: ~8 %% slower, "
+                          "frees their memory (2.8 GB at 4K, ~11.5 GB at 8K)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the hierarchical blocks (GPU)")
     gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
     gen.add_argument("--ff-chunk-tokens", type=int, metavar="N", default=16384,
@@ -189,7 +192,7 @@ def run_generate(args: argparse.Namespace) -> int:
         backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
         guide_offset_tokens=args.guide_offset_tokens, cascade_levels=args.cascade, lora_path=args.lora,
         vae_tile_px=args.vae_tile, offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile,
-        fp8=args.fp8, ff_chunk_tokens=args.ff_chunk_tokens or None,
+        fp8=args.fp8, ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
                              dtype=args.dtype, lora_allow_mismatch=args.lora_force)

@@ -28,11 +28,13 @@ def plot_step_result(result_path: str | Path, png_path: str | Path | None = None
         if best is None or row["s_per_step"] < best[0]:
             series[name][side] = (row["s_per_step"], row["peak_gb"])
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, points in sorted(series.items()):
+    colors = plt.cm.tab20.colors  # more series than the default cycle's 10 colours
+    for i, (name, points) in enumerate(sorted(series.items())):
         sides = sorted(points)
-        style = "--" if name.startswith("dense") else "-"
-        ax_time.plot(sides, [points[s][0] for s in sides], style, marker="o", label=name)
-        ax_mem.plot(sides, [points[s][1] for s in sides], style, marker="o", label=name)
+        style = dict(linestyle="--" if name.startswith("dense") else "-", marker="o", label=name,
+                     color=colors[i % len(colors)])
+        ax_time.plot(sides, [points[s][0] for s in sides], **style)
+        ax_mem.plot(sides, [points[s][1] for s in sides], **style)
     for ax, label in ((ax_time, "seconds per transformer step"), (ax_mem, "peak GPU memory (GB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -213,4 +213,6 @@ def single_block(
     guide = None
     if s.guide is not None:
         guide = _token_chunked(stream, ff_chunk_tokens, (s.guide, n_g, out[:, main.shape[1] :]), gate_g, adapted=True)
-    return Streams(main[:, :t].contiguous(), main[:, t:], guide)  # one text layout for every block: no recompiles
+    # views of the joint stream: the first single block sees the double blocks' own tensors, the others these views,
+    # so a compiled single block has two graphs per resolution (copying the hires stream to avoid that costs more)
+    return Streams(main[:, :t], main[:, t:], guide)

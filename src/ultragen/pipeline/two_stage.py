@@ -208,6 +208,7 @@ class UltraGenPipeline:
             config = replace(config, **given)
         return self.resolve(config)
 
+    @torch.no_grad()  # also when called directly (``ultragen generate`` does): no autograd graph, the guide cache on
     def generate_latents(self, prompt: str | list[str], config: GenerationConfig,
                          generator: torch.Generator | None = None, progress: bool = True):
         """(final unpacked latents (B, C, H/8, W/8) cropped to the requested size, guide latents, timings_s)."""
@@ -234,6 +235,7 @@ class UltraGenPipeline:
                 x = self._stage_b(hier, x, layout, text, config, generator, progress)
         return x, guide, timings
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile_px: int | None = None, progress: bool = True) -> torch.Tensor:
         """Unpacked latents -> (B, 3, H, W) float32 in [0, 1], tiled VAE decode."""
         return decode_latents(self.flux.vae, latents, tile_px, progress)
@@ -241,10 +243,10 @@ class UltraGenPipeline:
     # --- stages ----------------------------------------------------------------------------------------------------
     def _hierarchical(self, config: GenerationConfig) -> HierFluxTransformer:
         """The hierarchical wrapper for these settings; kept across calls so compiled blocks are reused."""
-        key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens)
+        key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens, config.cache_guide)
         if self._hier is None or self._hier[0] != key:
             hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
-                                       cache_guide=True, ff_chunk_tokens=config.ff_chunk_tokens)
+                                       cache_guide=config.cache_guide, ff_chunk_tokens=config.ff_chunk_tokens)
             if config.compile_blocks:
                 hier.compile_blocks()
                 # stage A runs the stock blocks through diffusers: compile them too (regional, in place; the
