@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -97,7 +97,7 @@ def _row_order(plan: AttentionPlan, device: torch.device, q_blocks: int) -> torc
 def _config(variant: str, head_dim: int, plan: AttentionPlan, config: KernelConfig | None) -> KernelConfig:
     config = config or DEFAULT_CONFIGS[(variant, head_dim)]
     if plan.block_tokens % config.block_n:
-        config = KernelConfig(plan.block_tokens, config.num_warps, config.num_stages, config.use_tma, config.v_fp8)
+        config = replace(config, block_n=plan.block_tokens)
     return config
 
 
