@@ -172,8 +172,9 @@ def test_bad_inputs_raise_with_the_fix(change, message):
 
 def test_compiled_blocks_match_eager_and_do_not_recompile():
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
-    model = tiny_flux(layers=2, single_layers=2)
+    model = tiny_flux(layers=2, single_layers=3)
     layout = tiny_layout(8, 16)
     plan = build_plan(layout)
     inputs = tiny_inputs(layout)
@@ -181,7 +182,9 @@ def test_compiled_blocks_match_eager_and_do_not_recompile():
     compiled = HierFluxTransformer(model, backend="reference")
     compiled.compile_blocks()
     torch._dynamo.reset()
+    counters.clear()
     torch.testing.assert_close(hier_forward(compiled, plan, inputs), eager, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # one per block kind: the first single block too
     later = {**inputs, "timestep": torch.full((1,), 0.2), "hires": torch.randn_like(inputs["hires"])}
     with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo deletes dynamo config keys)
         again = hier_forward(compiled, plan, later)

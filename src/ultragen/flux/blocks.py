@@ -213,6 +213,5 @@ def single_block(
     guide = None
     if s.guide is not None:
         guide = _token_chunked(stream, ff_chunk_tokens, (s.guide, n_g, out[:, main.shape[1] :]), gate_g, adapted=True)
-    # views of the joint stream: the first single block sees the double blocks' own tensors, the others these views,
-    # so a compiled single block has two graphs per resolution (copying the hires stream to avoid that costs more)
+    # views of the joint stream (compiled, HierFluxTransformer hands the first single block such views too: one graph)
     return Streams(main[:, :t], main[:, t:], guide)

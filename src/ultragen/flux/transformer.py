@@ -135,6 +135,12 @@ class HierFluxTransformer(nn.Module):
         for i, block in enumerate(tr.transformer_blocks):
             streams = self._run(double_block, block, streams, temb, rope, attention, guide_kv[i])
         offset = len(tr.transformer_blocks)
+        if self._compiled is not None and len(tr.single_transformer_blocks):
+            # single blocks return views into their joint text + hires stream; hand the first one such views too,
+            # so one compiled graph serves them all (else a second compile for the others, per resolution)
+            text_tokens = streams.text.shape[1]
+            joint = torch.cat([streams.text, streams.hires], dim=1)
+            streams = Streams(joint[:, :text_tokens], joint[:, text_tokens:], streams.guide)
         for i, block in enumerate(tr.single_transformer_blocks):
             streams = self._run(single_block, block, streams, temb, rope, attention, guide_kv[offset + i])
         out = tr.norm_out(streams.hires, temb.main)
