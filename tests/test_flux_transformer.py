@@ -362,3 +362,26 @@ def test_compiled_gelu_form_equals_the_tanh_gelu(monkeypatch):
     torch.testing.assert_close(blocks.gelu(x, "none"), F.gelu(x), rtol=0, atol=0)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     assert torch.equal(blocks.gelu(x, "tanh"), F.gelu(x, approximate="tanh"))  # eager: the one fused kernel
+
+
+def test_the_blocks_take_their_gelu_from_the_compiled_form(monkeypatch):
+    """Every tanh GELU of the blocks (double-block feed-forwards of both streams, single-block MLP) goes through
+    blocks.gelu, the function that switches to the sigmoid form under compile."""
+    import sys
+
+    from ultragen.flux import blocks
+
+    calls = []
+    gelu = blocks.gelu
+
+    def spy(x, approximate):
+        calls.append((sys._getframe(1).f_code.co_name, approximate))  # the caller: feed_forward or the single block's
+        return gelu(x, approximate)
+
+    monkeypatch.setattr(blocks, "gelu", spy)
+    layout = tiny_layout(8, 8)
+    hier_forward(HierFluxTransformer(tiny_flux(layers=2, single_layers=3), backend="reference"), build_plan(layout),
+                 tiny_inputs(layout))
+    # the step's own: 2 double blocks x (hires + text feed-forward) and 3 single-block MLPs (and the guide pass's)
+    assert calls.count(("feed_forward", "tanh")) >= 2 * 2 and calls.count(("stream", "tanh")) >= 3
+    assert {approximate for _, approximate in calls} == {"tanh"}

@@ -321,3 +321,11 @@ def test_generate_latents_builds_no_autograd_graph_even_with_grad_enabled():
         latents, guide, _ = pipe.generate_latents("a red fox", config, progress=False)
         images = pipe.decode(latents, progress=False)
     assert not latents.requires_grad and not guide.requires_grad and not images.requires_grad
+
+
+def test_one_pipeline_switches_the_guide_cache_between_calls():
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    kwargs = dict(num_inference_steps=3, warm_start_skip=1, guide_steps=2, output_type="latent", progress=False)
+    for cache in (True, False, True):
+        pipe("a red fox", 256, 256, cache_guide=cache, **kwargs)
+        assert pipe._hier[1].cache_guide is cache
