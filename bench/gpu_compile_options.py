@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ultragen.bench.attention import median_ms
 from ultragen.bench.models import random_flux
 from ultragen.bench.step import _dense_call, _hier_call
 from ultragen.flux import HierFluxTransformer
@@ -19,22 +20,15 @@ VARIANTS = {"default": {}, "pointwise": {"max_autotune_pointwise": True}, "coord
 
 
 def warm_and_median_ms(call, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, which compiles; median ms of ``repeats`` calls after one more)."""
+    """(seconds of the first call, which compiles; median CUDA-event ms of at least ``repeats`` calls after
+    one more)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     call()
     torch.cuda.synchronize()
     warm = time.perf_counter() - start
-    call()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        begin.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return warm, sorted(times)[len(times) // 2]
+    # steps of over 400 ms (the 4K and 8K ones) get exactly ``repeats`` runs from median_ms's time budget
+    return warm, median_ms(lambda _: call(), 1, warmup=1, min_runs=repeats)
 
 
 def main(names: list[str]) -> None:

@@ -155,7 +155,6 @@ class UltraGenPipeline:
             config = replace(config, shift=float(self.flux.scheduler.config.shift))
         return config.resolved(self.defaults)
 
-    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
