@@ -56,7 +56,7 @@ def accuracy(config: KernelConfig, int8: bool, size: str = "2048x2048", dim: int
 
 
 def smoke() -> None:
-    for config in (KernelConfig(), KernelConfig(use_tma=True), KernelConfig(block_n=128)):
+    for config in (KernelConfig(), KernelConfig(use_tma=True), KernelConfig(block_n=128), KernelConfig(q_split=True)):
         for dim in (128, 64):
             try:
                 log(f"smoke triton {config} d{dim}: err/noise {accuracy(config, False, dim=dim):.3f}")
@@ -73,7 +73,9 @@ def sweep() -> dict:
     # the first H100 sweep (8 warps, 2-4 stages, both tiles) put 4 warps ahead: refine around them
     shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 5), (32, 4, 3), (32, 4, 4), (128, 4, 2), (128, 8, 3)]
     variants = {
-        "bf16": [KernelConfig(n, w, s, tma) for tma in (False, True) for n, w, s in shapes],
+        "bf16": [KernelConfig(n, w, s, tma) for tma in (False, True) for n, w, s in shapes]
+        + [KernelConfig(n, w, s, q_split=True) for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2),
+                                                                (128, 8, 2), (128, 8, 3))],
         "int8": [KernelConfig(n, w, s, v_fp8=fp8) for fp8 in (True, False) for n, w, s in shapes[:4] + shapes[6:]],
     }
     results: dict = {"bf16": [], "int8": []}

@@ -242,6 +242,21 @@ def test_int8_cosine_per_head(size, k_offset):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("size", ["1024x1024", "4096x4096", "3840x2160"])
+def test_triton_split_query_blocks_within_twice_the_bf16_sdpa_error(size):
+    from ultragen.attention.triton_bsa import KernelConfig, triton_attention
+
+    plan = _plan(size)
+    q, k, v = _qkv(plan, device="cuda", seed=4, k_offset=30.0)
+    exact = gathered_attention(q, k, v, plan, torch.float32)
+    noise = (gathered_attention(q, k, v, plan, torch.bfloat16).float() - exact).abs().max().item()
+    out = torch.full_like(q, float("nan"))
+    triton_attention(q, k, v, plan, KernelConfig(block_n=64, num_warps=4, num_stages=2, q_split=True), out=out)
+    err = (out.float() - exact).abs().max().item()
+    assert out.isfinite().all() and err <= 2 * noise + 1e-5, f"q_split at {size}: {err:.2e} vs 2 x {noise:.2e}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["flex", "triton", "triton-int8"])
 def test_head_dim_64_and_fp16(backend, dtype):

@@ -36,6 +36,7 @@ class KernelConfig:
     num_stages: int = 3
     use_tma: bool = False
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
+    q_split: bool = False  # triton (bf16) only: two half query blocks per program (bsa_fwd_split); no TMA
 
 
 # Chosen from the H100 sweeps of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the best
@@ -131,6 +132,15 @@ def triton_attention(
         blocks = (plan.block_tokens, config.block_n, config.block_n, plan.block_tokens)
         tensors = tuple(TensorDescriptor.from_tensor(t, [rows, dim]) for t, rows in zip(flat, blocks))
     strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
+    if config.q_split:
+        if config.use_tma:
+            raise ValueError("KernelConfig(q_split=True) reads through pointers; use use_tma=False with it")
+        kernels.bsa_fwd_split[grid](
+            q, k, v, out, counts, indices, order, scale, *strides, heads, rows, seq, indices.shape[1],
+            BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        return out
     kernels.bsa_fwd[grid](
         *tensors, counts, indices, order, scale, *strides, heads, rows, seq, indices.shape[1],
         BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, USE_TMA=config.use_tma,

@@ -173,3 +173,67 @@ def bsa_fwd_int8(
     out = (acc / l_i[:, None]).to(out_dtype)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out)
+
+
+@triton.jit
+def _softmax_step(qk, m_i, l_i, acc, qk_scale):
+    """One online-softmax update of a row tile: qk (R, BLOCK_N) fp32 scores -> p (R, BLOCK_N), the new max and
+    sum, and the rescaled accumulator (R, HEAD_DIM)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def bsa_fwd_split(
+    Q, K, V, O,
+    counts, indices, order,
+    qk_scale,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    H, S_Q, S, kv_width,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """``bsa_fwd`` with the query block as two half-blocks that share each key/value tile: both score matmuls are
+    issued before either softmax, so the (asynchronous, on Hopper) matmul of one half can run under the other
+    half's softmax. Pointer arguments only."""
+    row = tl.load(order + tl.program_id(0))
+    bh = tl.program_id(1)
+    b64 = (bh // H).to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    HALF: tl.constexpr = BLOCK // 2
+    offs_a = row * BLOCK + tl.arange(0, HALF)
+    offs_b = offs_a + HALF
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_d[None, :]
+    q_a = tl.load(q_base + offs_a[:, None] * stride_qs)
+    q_b = tl.load(q_base + offs_b[:, None] * stride_qs)
+    k_base = K + b64 * stride_kb + h64 * stride_kh + offs_d[None, :]
+    v_base = V + b64 * stride_vb + h64 * stride_vh + offs_d[None, :]
+
+    m_a = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    m_b = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    l_a = tl.zeros([HALF], dtype=tl.float32)
+    l_b = tl.zeros([HALF], dtype=tl.float32)
+    acc_a = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc_b = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    n_steps = tl.load(counts + row) * SUB
+    for step in range(n_steps):
+        kv_block = tl.load(indices + row * kv_width + step // SUB)
+        start = kv_block * BLOCK + (step % SUB) * BLOCK_N
+        k = tl.load(k_base + (start + offs_n)[:, None] * stride_ks)
+        qk_a = tl.dot(q_a, k.T)
+        qk_b = tl.dot(q_b, k.T)
+        p_a, m_a, l_a, acc_a = _softmax_step(qk_a, m_a, l_a, acc_a, qk_scale)
+        p_b, m_b, l_b, acc_b = _softmax_step(qk_b, m_b, l_b, acc_b, qk_scale)
+        v = tl.load(v_base + (start + offs_n)[:, None] * stride_vs)
+        acc_a = tl.dot(p_a.to(v.dtype), v, acc_a)
+        acc_b = tl.dot(p_b.to(v.dtype), v, acc_b)
+    o_base = O + b64 * stride_ob + h64 * stride_oh + offs_d[None, :]
+    tl.store(o_base + offs_a[:, None] * stride_os, (acc_a / l_a[:, None]).to(q_a.dtype))
+    tl.store(o_base + offs_b[:, None] * stride_os, (acc_b / l_b[:, None]).to(q_b.dtype))
