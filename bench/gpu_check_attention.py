@@ -1,8 +1,8 @@
 """One GPU call for the attention backends: smoke checks, a kernel-config sweep, the benchmark, the GPU tests.
 
-    PYTHONPATH=src STAGES=smoke,sweep,bench,tests python bench/gpu_check_attention.py
+    PYTHONPATH=src STAGES=smoke,sweep,by_size,bench,tests python bench/gpu_check_attention.py
 
-Writes under $OUT (or bench/results/tmp): sweep.json, attention-<gpu>-<date>.json, pytest.log. The benchmark and
+Writes under $OUT (or bench/results/tmp): sweep.json, by-size.json, attention-<gpu>-<date>.json, pytest.log. The benchmark and
 the tests use the defaults of ultragen.attention.triton_bsa; the sweep prints the best configs to set them from. Prints a short table last.
 """
 
@@ -26,6 +26,7 @@ from test_attention_backends import _plan, _qkv, gathered_attention  # noqa: E40
 from ultragen.attention import triton_bsa  # noqa: E402
 from ultragen.attention.triton_bsa import KernelConfig, triton_attention, triton_int8_attention  # noqa: E402
 from ultragen.bench import attention as bench  # noqa: E402
+from ultragen.bench.record import environment  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "bench/results/tmp"))
 STAGES = os.environ.get("STAGES", "smoke,sweep,bench,tests").split(",")
@@ -62,7 +63,7 @@ def smoke() -> None:
                 log(f"smoke triton {config} d{dim}: err/noise {accuracy(config, False, dim=dim):.3f}")
             except Exception as error:  # noqa: BLE001 - report every failing variant, keep going
                 log(f"smoke triton {config} d{dim}: FAILED {type(error).__name__}: {str(error)[-1500:]}")
-    for config in (KernelConfig(v_fp8=True), KernelConfig(v_fp8=False)):
+    for config in (KernelConfig(v_fp8=True), KernelConfig(v_fp8=False), KernelConfig(block_n=64, q_split=True)):
         try:
             log(f"smoke int8 {config}: cos {accuracy(config, True):.5f}")
         except Exception as error:  # noqa: BLE001
@@ -70,13 +71,14 @@ def smoke() -> None:
 
 
 def sweep() -> dict:
-    # the first H100 sweep (8 warps, 2-4 stages, both tiles) put 4 warps ahead: refine around them
-    shapes = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 5), (32, 4, 3), (32, 4, 4), (128, 4, 2), (128, 8, 3)]
+    # The broad sweeps (bench/results/attention-sweep-*.json) put 4 warps and 64-key tiles ahead; this one compares
+    # the split-query programs and the int8 kernel's integer-add conversion against those, at 4K and 8K.
     variants = {
-        "bf16": [KernelConfig(n, w, s, tma) for tma in (False, True) for n, w, s in shapes]
-        + [KernelConfig(n, w, s, q_split=True) for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2),
-                                                                (128, 8, 2), (128, 8, 3))],
-        "int8": [KernelConfig(n, w, s, v_fp8=fp8) for fp8 in (True, False) for n, w, s in shapes[:4] + shapes[6:]],
+        "bf16": [KernelConfig(64, 4, 2), KernelConfig(64, 4, 3, use_tma=True)]
+        + [KernelConfig(n, w, s, q_split=True) for n, w, s in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3))],
+        "int8": [KernelConfig(n, w, s) for n, w, s in ((128, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2))]
+        + [KernelConfig(n, w, s, q_split=True) for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2))]
+        + [KernelConfig(64, 4, 2, v_fp8=False, q_split=True)],
     }
     results: dict = {"bf16": [], "int8": []}
     for name, configs in variants.items():
@@ -99,7 +101,7 @@ def sweep() -> dict:
     for name, entries in list(results.items()):
         ok = [e for e in entries if "ms_4k" in e and (e["accuracy"] >= 0.999 if name == "int8" else e["accuracy"] <= 2)]
         ok.sort(key=lambda e: e["ms_4k"])
-        for e in ok[:3]:
+        for e in ok[: int(os.environ.get("SWEEP_8K", "3"))]:
             if left() < 200:
                 break
             config = KernelConfig(**e["config"])
@@ -110,8 +112,28 @@ def sweep() -> dict:
             best = min(ok[:3], key=lambda e: (e.get("ms_8k", float("inf")), e["ms_4k"]))
             results[f"best_{name}"] = best["config"]
             SUMMARY.append(f"best {name}: {best} (defaults: {triton_bsa.DEFAULT_CONFIGS[(name, 128)]})")
-    (OUT / "sweep.json").write_text(json.dumps(results, indent=1))
+    (OUT / "sweep.json").write_text(json.dumps({**environment(), **results}, indent=1))
     return results
+
+
+def by_size() -> None:
+    """Whole-block vs split-query programs at every benchmark size (the sweep above ranks them at 4K and 8K)."""
+    variants = {
+        "bf16": [KernelConfig(64, 4, 2, q_split=True), KernelConfig(64, 4, 2), KernelConfig(64, 4, 3)],
+        "int8": [KernelConfig(128, 4, 2, q_split=True), KernelConfig(64, 4, 3), KernelConfig(64, 4, 3, q_split=True)],
+    }
+    rows = []
+    for size in os.environ.get("BENCH_SIZES", ",".join(bench.SIZES)).split(","):
+        for name, configs in variants.items():
+            fn = triton_int8_attention if name == "int8" else triton_attention
+            for config in [*configs, configs[0]]:  # the first again last: the drift within the size
+                if left() < 60:
+                    break
+                ms = bench.bench_sparse(size, name, fn=lambda q, k, v, p, c=config, f=fn: f(q, k, v, p, c)).ms
+                rows.append({"size": size, "variant": name, "config": asdict(config), "ms": ms})
+                log(f"by_size {size} {name} {config}: {ms:.3f} ms")
+            torch.cuda.empty_cache()
+    (OUT / "by-size.json").write_text(json.dumps({**environment(), "rows": rows}, indent=1) + "\n")
 
 
 def run_bench() -> None:
@@ -147,7 +169,7 @@ def main() -> None:
     import triton
 
     log(f"{torch.cuda.get_device_name(0)} torch {torch.__version__} triton {triton.__version__} stages {STAGES}")
-    stages = {"smoke": smoke, "sweep": sweep, "bench": run_bench, "tests": run_tests}
+    stages = {"smoke": smoke, "sweep": sweep, "by_size": by_size, "bench": run_bench, "tests": run_tests}
     for stage in STAGES:
         start = time.time()
         stages[stage]()

@@ -7,6 +7,7 @@ of the flash-attn rule: a bf16 backend's max error may be at most twice it.
 """
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -243,17 +244,27 @@ def test_int8_cosine_per_head(size, k_offset):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("size", ["1024x1024", "4096x4096", "3840x2160"])
-def test_triton_split_query_blocks_within_twice_the_bf16_sdpa_error(size):
-    from ultragen.attention.triton_bsa import KernelConfig, triton_attention
+@pytest.mark.parametrize("variant", ["bf16", "int8"])
+def test_the_other_query_program_of_each_kernel(variant, size):
+    """The defaults run whole query blocks or split ones (KernelConfig.q_split); the program they do not use is
+    checked here to the same bound, so both stay correct."""
+    from ultragen.attention.triton_bsa import DEFAULT_CONFIGS, triton_attention, triton_int8_attention
 
+    default = DEFAULT_CONFIGS[(variant, 128)]
+    config = replace(default, q_split=not default.q_split, use_tma=False)
     plan = _plan(size)
     q, k, v = _qkv(plan, device="cuda", seed=4, k_offset=30.0)
     exact = gathered_attention(q, k, v, plan, torch.float32)
-    noise = (gathered_attention(q, k, v, plan, torch.bfloat16).float() - exact).abs().max().item()
     out = torch.full_like(q, float("nan"))
-    triton_attention(q, k, v, plan, KernelConfig(block_n=64, num_warps=4, num_stages=2, q_split=True), out=out)
-    err = (out.float() - exact).abs().max().item()
-    assert out.isfinite().all() and err <= 2 * noise + 1e-5, f"q_split at {size}: {err:.2e} vs 2 x {noise:.2e}"
+    (triton_int8_attention if variant == "int8" else triton_attention)(q, k, v, plan, config, out=out)
+    assert out.isfinite().all(), f"{config}: rows not written"
+    if variant == "int8":
+        cos = F.cosine_similarity(out.float().flatten(2), exact.flatten(2), dim=-1).min().item()
+        assert cos >= 0.999, f"{config} at {size}: min cosine per head {cos:.5f} < 0.999"
+    else:
+        noise = (gathered_attention(q, k, v, plan, torch.bfloat16).float() - exact).abs().max().item()
+        err = (out.float() - exact).abs().max().item()
+        assert err <= 2 * noise + 1e-5, f"{config} at {size}: {err:.2e} vs 2 x {noise:.2e}"
 
 
 @pytest.mark.gpu

@@ -1,12 +1,16 @@
 """The ``triton`` and ``triton-int8`` backends: our own block-sparse forward kernels (inference only).
 
 ``triton``: bf16/fp16 Q.K^T and P.V on the tensor cores, fp32 accumulators, online softmax in base 2; one program
-per (query block, batch*head) walks the plan's key-block list of that query block.
+per (query block, batch*head) walks the plan's key-block list of that query block. With ``KernelConfig.q_split``
+(the head-dim-128 default) the program holds the block as two 64-row halves that share each K/V tile: both score
+matmuls are issued before either softmax, so one half's asynchronous matmul runs under the other half's softmax.
 
 ``triton-int8`` (SageAttention-style, approximate): K is smoothed by subtracting a per-(batch, head) mean over
 tokens (exact: it shifts every score of a query row by the same amount, and softmax ignores that), then Q and K
-are quantized to int8 with one scale per 128-token block; Q.K^T runs as an int8 dot with int32 accumulation,
-and P.V as fp8 e4m3 (P scaled to [0, 448], V scaled per channel). The quantization pre-pass is part of the call.
+are quantized to int8 with one scale per 128-token block (per 64-row half of Q with ``q_split``); Q.K^T runs as an
+int8 dot with int32 accumulation, read as fp32 by an integer add (exact, and off the special-function pipe that
+exp2 needs), and P.V as fp8 e4m3 (P scaled to [0, 448], V scaled per channel). The quantization pre-pass of K and
+V is part of the call.
 
 Requires CUDA, triton, bf16 or fp16 inputs, head dim 64 or 128, and a plan block of 64 or 128 tokens.
 """
@@ -36,16 +40,18 @@ class KernelConfig:
     num_stages: int = 3
     use_tma: bool = False
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
-    q_split: bool = False  # triton (bf16) only: two half query blocks per program (bsa_fwd_split); no TMA
+    q_split: bool = False  # two half query blocks per program sharing each K/V tile; bf16: no TMA with it
 
 
-# Chosen from the H100 sweeps of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the best
-# of bench/results/attention-sweep-nvidia-h100-80gb-hbm3-20261122.json (2 stages: 1 % faster than 3 at 4K, 6 % at
-# 8K, same run); head dim 64 (small models) was not swept and keeps the first sweep's 3 stages.
+# Chosen from the H100 runs of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the
+# split-query programs (bench/results/attention-sweep-q-split-*.json: bf16 3.69 vs 3.79 ms at 4K, 18.9 vs 21.2 ms
+# at 8K; int8 3.68 vs 4.34 ms at 4K, where the whole-block int8 program spills with 128-key tiles), and no slower at
+# the other sizes (attention-by-size-*.json, within that run's repeat spread). Head dim 64 (small models) was not
+# swept and keeps the first sweep's whole-block programs with 3 stages.
 DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
-    ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=2),
+    ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=2, q_split=True),
     ("bf16", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
-    ("int8", 128): KernelConfig(block_n=128, num_warps=4, num_stages=2),
+    ("int8", 128): KernelConfig(block_n=128, num_warps=4, num_stages=2, q_split=True),
     ("int8", 64): KernelConfig(block_n=128, num_warps=4, num_stages=3),
 }
 
@@ -199,7 +205,7 @@ def triton_int8_attention(
     kernels.bsa_fwd_int8[(len(order), batch * heads)](
         q, k8, k_scale, v_in, v_scale, out, counts, indices, order, scale,
         *q.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, seq, indices.shape[1], plan.n_blocks,
-        BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, V_FP8=config.v_fp8,
+        BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim, V_FP8=config.v_fp8, Q_SPLIT=config.q_split,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
