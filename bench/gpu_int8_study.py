@@ -1,7 +1,8 @@
 """One GPU study of the int8 backend's costs: the K/V quantization pre-pass alone, and the kernel's int32 -> fp32
-conversion of the scores (integer add of 1.5 * 2^23, as shipped, vs the conversion instruction), same process.
+conversion of the scores (integer add of 1.5 * 2^23, as shipped, vs the conversion instruction followed by a float
+add of the same offset, which also changes register use), same process.
 
-    PYTHONPATH=src:tests python bench/gpu_int8_study.py    # writes $OUT/int8-study.json
+    PYTHONPATH=src python bench/gpu_int8_study.py    # writes $OUT/int8-study.json
 """
 
 from __future__ import annotations

@@ -243,28 +243,29 @@ def test_int8_cosine_per_head(size, k_offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("size", ["1024x1024", "4096x4096", "3840x2160"])
+@pytest.mark.parametrize(("size", "dtype"), [("1024x1024", torch.float16), ("4096x4096", torch.bfloat16),
+                                             ("3840x2160", torch.bfloat16)])
+@pytest.mark.parametrize("q_split", [False, True])
 @pytest.mark.parametrize("variant", ["bf16", "int8"])
-def test_the_other_query_program_of_each_kernel(variant, size):
-    """The defaults run whole query blocks or split ones (KernelConfig.q_split); the program they do not use is
-    checked here to the same bound, so both stay correct."""
+def test_whole_and_split_query_programs(variant, q_split, size, dtype):
+    """Both query programs of both kernels (KernelConfig.q_split; the defaults use one of them per head dim), at
+    head dim 128, to the bounds of the backend tests."""
     from ultragen.attention.triton_bsa import DEFAULT_CONFIGS, triton_attention, triton_int8_attention
 
-    default = DEFAULT_CONFIGS[(variant, 128)]
-    config = replace(default, q_split=not default.q_split, use_tma=False)
+    config = replace(DEFAULT_CONFIGS[(variant, 128)], q_split=q_split, use_tma=False)
     plan = _plan(size)
-    q, k, v = _qkv(plan, device="cuda", seed=4, k_offset=30.0)
+    q, k, v = _qkv(plan, dtype=dtype, device="cuda", seed=4, k_offset=30.0)
     exact = gathered_attention(q, k, v, plan, torch.float32)
     out = torch.full_like(q, float("nan"))
     (triton_int8_attention if variant == "int8" else triton_attention)(q, k, v, plan, config, out=out)
     assert out.isfinite().all(), f"{config}: rows not written"
     if variant == "int8":
         cos = F.cosine_similarity(out.float().flatten(2), exact.flatten(2), dim=-1).min().item()
-        assert cos >= 0.999, f"{config} at {size}: min cosine per head {cos:.5f} < 0.999"
+        assert cos >= 0.999, f"{config} at {size}, {dtype}: min cosine per head {cos:.5f} < 0.999"
     else:
-        noise = (gathered_attention(q, k, v, plan, torch.bfloat16).float() - exact).abs().max().item()
+        noise = (gathered_attention(q, k, v, plan, dtype).float() - exact).abs().max().item()
         err = (out.float() - exact).abs().max().item()
-        assert err <= 2 * noise + 1e-5, f"{config} at {size}: {err:.2e} vs 2 x {noise:.2e}"
+        assert err <= 2 * noise + 1e-5, f"{config} at {size}, {dtype}: {err:.2e} vs 2 x {noise:.2e}"
 
 
 @pytest.mark.gpu

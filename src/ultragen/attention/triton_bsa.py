@@ -2,12 +2,12 @@
 
 ``triton``: bf16/fp16 Q.K^T and P.V on the tensor cores, fp32 accumulators, online softmax in base 2; one program
 per (query block, batch*head) walks the plan's key-block list of that query block. With ``KernelConfig.q_split``
-(the head-dim-128 default) the program holds the block as two 64-row halves that share each K/V tile: both score
+(the head-dim-128 default) the program holds the block as two halves that share each K/V tile: both score
 matmuls are issued before either softmax, so one half's asynchronous matmul runs under the other half's softmax.
 
 ``triton-int8`` (SageAttention-style, approximate): K is smoothed by subtracting a per-(batch, head) mean over
 tokens (exact: it shifts every score of a query row by the same amount, and softmax ignores that), then Q and K
-are quantized to int8 with one scale per 128-token block (per 64-row half of Q with ``q_split``); Q.K^T runs as an
+are quantized to int8 with one scale per 128-token block (per half query block of Q with ``q_split``); Q.K^T runs as an
 int8 dot with int32 accumulation, read as fp32 by an integer add (exact, and off the special-function pipe that
 exp2 needs), and P.V as fp8 e4m3 (P scaled to [0, 448], V scaled per channel). The quantization pre-pass of K and
 V is part of the call.
@@ -38,16 +38,18 @@ class KernelConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    use_tma: bool = False
+    use_tma: bool = False  # triton only (whole-block programs); triton-int8 ignores it
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
-    q_split: bool = False  # two half query blocks per program sharing each K/V tile; bf16: no TMA with it
+    q_split: bool = False  # two half query blocks per program sharing each K/V tile (not with use_tma)
 
 
 # Chosen from the H100 runs of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the
-# split-query programs (bench/results/attention-sweep-q-split-*.json: bf16 3.69 vs 3.79 ms at 4K, 18.9 vs 21.2 ms
-# at 8K; int8 3.68 vs 4.34 ms at 4K, where the whole-block int8 program spills with 128-key tiles), and no slower at
-# the other sizes (attention-by-size-*.json, within that run's repeat spread). Head dim 64 (small models) was not
-# swept and keeps the first sweep's whole-block programs with 3 stages.
+# split-query programs. bf16: 3.69 vs 3.79 ms at 4K in the sweep (bench/results/attention-sweep-q-split-*.json); at
+# 8K about 3 % faster than the whole-block program's other measurements (that sweep's 21.2 ms for it is an outlier);
+# as fast or faster at the other sizes (attention-by-size-*.json, repeats differ by up to 8 %). int8: 3.68 ms at 4K;
+# the whole-block program with 128-key tiles spills since the integer-add score conversion (4.3 ms, 3.8-3.9 ms
+# before it), and at 1024x1024 the whole-block 64-key program is faster (0.50 vs 0.58 ms). Head dim 64 (small
+# models) was not swept and keeps the first sweep's whole-block programs with 3 stages.
 DEFAULT_CONFIGS: dict[tuple[str, int], KernelConfig] = {
     ("bf16", 128): KernelConfig(block_n=64, num_warps=4, num_stages=2, q_split=True),
     ("bf16", 64): KernelConfig(block_n=64, num_warps=4, num_stages=3),
@@ -142,7 +144,7 @@ def triton_attention(
         if config.use_tma:
             raise ValueError("KernelConfig(q_split=True) reads through pointers; use use_tma=False with it")
         kernels.bsa_fwd_split[grid](
-            q, k, v, out, counts, indices, order, scale, *strides, heads, rows, seq, indices.shape[1],
+            q, k, v, out, counts, indices, order, scale, *strides, heads, indices.shape[1],
             BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

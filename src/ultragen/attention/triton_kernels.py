@@ -216,7 +216,7 @@ def bsa_fwd_split(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    H, S_Q, S, kv_width,
+    H, kv_width,
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """``bsa_fwd`` with the query block as two half-blocks that share each key/value tile: both score matmuls are
