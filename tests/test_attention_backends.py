@@ -66,6 +66,14 @@ def _qkv(plan, heads=2, dim=128, dtype=torch.bfloat16, device="cpu", seed=0, k_o
 
 
 # --- CPU ---------------------------------------------------------------------------------------------------------
+def test_kernel_config_rejects_split_programs_with_tma():
+    from ultragen.attention.triton_bsa import KernelConfig
+
+    with pytest.raises(ValueError, match="use_tma=False"):
+        KernelConfig(q_split=True, use_tma=True)
+    assert KernelConfig(q_split=True).q_split and KernelConfig(use_tma=True).use_tma
+
+
 def test_gathered_attention_equals_the_reference_backend():
     plan = _tiny_plan()
     q, k, v = _qkv(plan, heads=3, dim=16, dtype=torch.float64, seed=1)

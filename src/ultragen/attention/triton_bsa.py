@@ -42,6 +42,11 @@ class KernelConfig:
     v_fp8: bool = True  # triton-int8 only: P.V in fp8 (else in V's dtype)
     q_split: bool = False  # two half query blocks per program sharing each K/V tile (not with use_tma)
 
+    def __post_init__(self) -> None:
+        if self.q_split and self.use_tma:
+            raise ValueError("KernelConfig(q_split=True, use_tma=True): the split-query programs read through "
+                             "pointers; set use_tma=False (or q_split=False for the TMA whole-block program)")
+
 
 # Chosen from the H100 runs of bench/gpu_check_attention.py; keyed by (variant, head_dim). Head dim 128: the
 # split-query programs. bf16: 3.69 vs 3.79 ms at 4K in the sweep (bench/results/attention-sweep-q-split-*.json); at
@@ -141,8 +146,6 @@ def triton_attention(
         tensors = tuple(TensorDescriptor.from_tensor(t, [rows, dim]) for t, rows in zip(flat, blocks))
     strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
     if config.q_split:
-        if config.use_tma:
-            raise ValueError("KernelConfig(q_split=True) reads through pointers; use use_tma=False with it")
         kernels.bsa_fwd_split[grid](
             q, k, v, out, counts, indices, order, scale, *strides, heads, indices.shape[1],
             BLOCK=plan.block_tokens, BLOCK_N=config.block_n, HEAD_DIM=dim,
