@@ -1,8 +1,10 @@
 """Pipeline pieces on CPU: schedule arithmetic, warm start, settings, output files, tiny-random, model loading."""
 
+import math
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -262,3 +264,87 @@ def test_guide_offset_reaches_every_cascade_layout_and_the_lora_expectation():
     assert GenerationConfig(1024, 1024).lora_expectation("tiny").guide_offset_tokens == 1.5  # centred, rho 4
     with pytest.raises(ValueError, match=r"guide_offset_tokens=4.0 must lie in \[0, rho - 1\] = \[0, 3\]"):
         GenerationConfig(1024, 1024, guide_offset_tokens=4.0)
+
+
+# --- stage B's real warm start, against an independent computation ------------------------------------------------
+def _stock_flux_sigma(steps: int, skip: int, shift: float) -> float:
+    """The sigma at step ``skip`` of the N-step schedule FluxPipeline sets up (``sigmas=linspace(1, 1/N, N)``) on a
+    stock diffusers scheduler with a static shift: what stage B must start from."""
+    stock = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+    stock.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    return float(stock.sigmas[skip])
+
+
+def _reference_warm_start(guide, size, noise, sigma, strength, blur_sigma):
+    """docs: bicubic upsample (exactly rho x) -> x + strength * (x - gaussian_blur(x)) -> (1 - sigma) x + sigma noise.
+    The blur here is one 2D kernel (not separable), radius ceil(3 sigma), reflect padding."""
+    up = torch.nn.functional.interpolate(guide.double(), size=size, mode="bicubic", align_corners=False)
+    radius = math.ceil(3 * blur_sigma)
+    d = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * blur_sigma**2))
+    kernel = kernel / kernel.sum()
+    c = up.shape[1]
+    padded = torch.nn.functional.pad(up, (radius,) * 4, mode="reflect")
+    blurred = torch.nn.functional.conv2d(padded, kernel.expand(c, 1, -1, -1).contiguous(), groups=c)
+    sharp = up + strength * (up - blurred)
+    return ((1 - sigma) * sharp + sigma * noise.double()).float()
+
+
+def test_stage_b_starts_from_the_sharpened_guide_renoised_to_the_schedules_sigma(monkeypatch):
+    """The first hires input stage B feeds the transformer is the warm start of the (non-zero) guide, computed here
+    independently, at the sigma of step k of the stock scheduler; the sigma stage B reports is that one."""
+    import ultragen.pipeline.two_stage as two_stage
+    from ultragen.flux import HierFluxTransformer
+    from ultragen.layout import make_layout
+    from ultragen.pipeline.latents import pack
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+
+    first_inputs, noises = [], []
+    forward, draw = HierFluxTransformer.forward, two_stage.randn_tensor
+
+    def recording(self, hires, *args, **kwargs):
+        first_inputs.append(hires.clone())
+        return forward(self, hires, *args, **kwargs)
+
+    def recording_noise(*args, **kwargs):
+        noises.append(draw(*args, **kwargs))
+        return noises[-1]
+
+    monkeypatch.setattr(HierFluxTransformer, "forward", recording)
+    monkeypatch.setattr(two_stage, "randn_tensor", recording_noise)
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    steps, skip, strength, blur = 5, 2, 0.7, 1.3
+    out = pipe("a red fox", 256, 256, num_inference_steps=steps, warm_start_skip=skip, guide_steps=2,
+               sharpen_strength=strength, sharpen_sigma_latent_px=blur, output_type="latent", progress=False,
+               generator=torch.Generator().manual_seed(3))
+    assert len(first_inputs) == steps - skip
+    sigma = _stock_flux_sigma(steps, skip, 3.0)
+    assert 0.6 < sigma < 0.95  # not 1 - sigma: the mutation this catches
+    assert out.warm_start_sigmas == pytest.approx((sigma,), abs=1e-6)
+    assert pipe.last_warm_start_sigmas == out.warm_start_sigmas
+    guide = out.guide_latents
+    assert guide.abs().mean() > 0.1  # a real guide: a guide multiplied by 0 would be caught
+    layout = make_layout(256, 256)
+    canvas = (layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
+    (noise,) = noises  # stage A draws through diffusers, not through two_stage.randn_tensor
+    expected = _reference_warm_start(guide, canvas, noise, sigma, strength, blur)
+    torch.testing.assert_close(first_inputs[0], layout.hires_to_sequence(pack(expected)), rtol=1e-5, atol=1e-5)
+
+
+def test_each_cascade_level_reports_the_sigma_its_scheduler_started_from():
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    out = pipe("a red fox", 512, 512, num_inference_steps=4, warm_start_skip=1, guide_steps=2, rho=2,
+               cascade_levels=2, output_type="latent", progress=False)
+    assert out.warm_start_sigmas == pytest.approx((_stock_flux_sigma(4, 1, 3.0),) * 2, abs=1e-6)
+
+
+def test_a_guide_of_the_wrong_size_is_a_value_error_not_an_assert():
+    from ultragen.layout import make_layout
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    config = pipe.make_config(None, 256, 256, 3, guide_steps=2, warm_start_skip=1)
+    with pytest.raises(ValueError, match=r"does not fit the layout: it must be \(B, C, 8, 8\)"):
+        pipe._stage_b(None, torch.zeros(1, 4, 6, 8), make_layout(256, 256), None, config, None, False)

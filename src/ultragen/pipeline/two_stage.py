@@ -44,13 +44,15 @@ NO_LORA_WARNING = (
 class UltraGenOutput:
     """``images``: PIL images (or a (B, 3, H, W) tensor in [0, 1] for ``output_type="pt"``, None for "latent").
     ``latents``: final unpacked latents (B, C, H/8, W/8); ``guide_latents``: stage A's (B, C, h/8, w/8).
-    ``config``: the resolved settings; ``timings_s``: seconds per stage."""
+    ``config``: the resolved settings; ``timings_s``: seconds per stage; ``warm_start_sigmas``: per cascade level,
+    the noise level stage B re-noised its guide to, read from the scheduler it ran (``scheduler.sigmas[k]``)."""
 
     images: list | torch.Tensor | None
     latents: torch.Tensor
     guide_latents: torch.Tensor
     config: GenerationConfig
     timings_s: dict[str, float] = field(default_factory=dict)
+    warm_start_sigmas: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ class UltraGenPipeline:
         self._warned_no_lora = False
         self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
         self._fp8 = False
+        # per cascade level, the sigma the last run's stage B re-noised its guide to, read from the scheduler it ran
+        # (what a run record states; a closed formula would not notice if stage B used another)
+        self.last_warm_start_sigmas: tuple[float, ...] = ()
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
@@ -178,6 +183,7 @@ class UltraGenPipeline:
             raise ValueError(f"output_type={output_type!r}; use 'pil', 'pt' or 'latent'")
         config = self.make_config(config, height, width, num_inference_steps, guidance_scale, generator, **settings)
         latents, guide, timings = self.generate_latents(prompt, config, generator, progress=progress)
+        sigmas = self.last_warm_start_sigmas
         images = None
         if output_type != "latent":
             start = time.perf_counter()
@@ -185,7 +191,7 @@ class UltraGenPipeline:
             timings["decode"] = time.perf_counter() - start
             if output_type == "pil":
                 images = to_pil(images)
-        return UltraGenOutput(images, latents, guide, config, timings)
+        return UltraGenOutput(images, latents, guide, config, timings, sigmas)
 
     def make_config(self, config: GenerationConfig | None = None, height: int | None = None,
                     width: int | None = None, num_inference_steps: int | None = None,
@@ -210,7 +216,9 @@ class UltraGenPipeline:
     @torch.no_grad()  # also when called directly (``ultragen generate`` does): no autograd graph, the guide cache on
     def generate_latents(self, prompt: str | list[str], config: GenerationConfig,
                          generator: torch.Generator | None = None, progress: bool = True):
-        """(final unpacked latents (B, C, H/8, W/8) cropped to the requested size, guide latents, timings_s)."""
+        """(final unpacked latents (B, C, H/8, W/8) cropped to the requested size, guide latents, timings_s).
+
+        Sets :attr:`last_warm_start_sigmas` to the sigma each cascade level's stage B started from."""
         if not config.is_resolved():
             config = self.resolve(config)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -228,10 +236,13 @@ class UltraGenPipeline:
             text = self._encode(prompts, config)
         with clock("guide"):
             guide = self._stage_a(text, config, generator, progress)
-        x = guide
+        x, sigmas = guide, []
+        self.last_warm_start_sigmas = ()
         for level, layout in enumerate(config.layouts()):
             with clock(f"hires{level}" if config.cascade_levels > 1 else "hires"):
-                x = self._stage_b(hier, x, layout, text, config, generator, progress)
+                x, sigma = self._stage_b(hier, x, layout, text, config, generator, progress)
+            sigmas.append(sigma)
+        self.last_warm_start_sigmas = tuple(sigmas)
         return x, guide, timings
 
     @torch.no_grad()
@@ -288,11 +299,14 @@ class UltraGenPipeline:
         return unpack(packed, height, width)
 
     def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
-                 config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
-        """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> unpacked clean latent of the requested
-        size (B, C, H/8, W/8)."""
+                 config: GenerationConfig, generator, progress: bool) -> tuple[torch.Tensor, float]:
+        """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> (unpacked clean latent of the requested
+        size (B, C, H/8, W/8), the sigma the warm start re-noised the guide to)."""
         expected = (layout.guide_image_grid[0] * 2, layout.guide_image_grid[1] * 2)
-        assert tuple(guide.shape[-2:]) == expected, f"guide latent {tuple(guide.shape)} vs layout {expected}"
+        if guide.ndim != 4 or tuple(guide.shape[-2:]) != expected:
+            raise ValueError(f"guide latent of shape {tuple(guide.shape)} does not fit the layout: it must be "
+                             f"(B, C, {expected[0]}, {expected[1]}) for {layout.width_px}x{layout.height_px} px at "
+                             f"rho {layout.rho}; pass the guide stage A made for these settings")
         device, batch, channels = self.device, guide.shape[0], guide.shape[1]
         canvas = (layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
         scheduler = hires_scheduler(self.flux.scheduler, config.steps, config.warm_start_skip, config.shift, device)
@@ -315,7 +329,7 @@ class UltraGenPipeline:
         finally:
             hier.clear_guide_cache()
         raster = layout.hires_to_raster(x)
-        return _crop(unpack(raster, layout.padded_height_px, layout.padded_width_px), layout)
+        return _crop(unpack(raster, layout.padded_height_px, layout.padded_width_px), layout), sigma
 
 
 class _Clock:
