@@ -1,0 +1,252 @@
+"""The hierarchical FLUX.2 transformer: a stock diffusers ``Flux2Transformer2DModel`` run over
+``[text | hires | guide]`` with block-sparse attention, a guide modulated at t = 0 and a cached guide."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ultragen.attention import Backend, attend, heads_last_output, parse_backend
+from ultragen.attention.op import attend_op, plan_key
+from ultragen.attention.segment import attend_within
+from ultragen.flux.blocks import linear
+from ultragen.flux.lora import ADAPTER_NAME
+from ultragen.flux2.blocks import Mods, Streams, double_block, single_block
+from ultragen.flux2.ids import Rope, flux2_rope, sequence_ids
+from ultragen.layout import Segment
+from ultragen.policy import AttentionPlan
+
+log = logging.getLogger(__name__)
+
+GUIDE_TIMESTEP = 0.0  # the guide is clean: its modulation comes from t = 0 (diffusers' ref_fixed_timestep)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys (tuples of tensors and plain values) are equal, tensors by shape, dtype, device and
+    content."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.shape != y.shape \
+                    or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+class HierFlux2Transformer(nn.Module):
+    """Hierarchical forward of a FLUX.2 transformer (klein 4B / 9B, distilled or base); the wrapped model's weights
+    are untouched and its modules are called as they are.
+
+    ``backend``: attention backend name (``ultragen.attention.Backend``). ``ntk_factor``: RoPE NTK factor (1
+    reproduces the stock model; the authors use 1 for klein-9B and 10 at inference for klein-base-9B).
+    ``cache_guide``: when the plan's guide attends only to itself, compute its per-layer keys and values once
+    (in a diffusers ``Flux2KVCache``) and reuse them in every step and CFG branch while the plan, the guide latent,
+    the guidance value and the LoRA stay the same (never while gradients are on).
+    """
+
+    def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
+                 cache_guide: bool = True):
+        super().__init__()
+        if getattr(transformer.config, "patch_size", 1) != 1:
+            raise ValueError(f"patch_size={transformer.config.patch_size} is not supported; FLUX.2 models use 1")
+        if len(transformer.config.axes_dims_rope) != 4:
+            raise ValueError(f"axes_dims_rope={tuple(transformer.config.axes_dims_rope)}: a FLUX.2 model has four "
+                             f"RoPE axes (T, H, W, L); for a FLUX.1 model use ultragen.flux.HierFluxTransformer")
+        self.transformer = transformer
+        self.backend = parse_backend(backend)
+        if ntk_factor <= 0:
+            raise ValueError(f"ntk_factor={ntk_factor} must be > 0 (1: stock RoPE)")
+        self.ntk_factor = float(ntk_factor)
+        self.cache_guide = cache_guide
+        self.gradient_checkpointing = False
+        self._compiled: dict | None = None
+        self._rope: tuple | None = None  # (plan, device, ntk, Rope)
+        self._guide_cache: tuple | None = None  # (plan, key inputs, Flux2KVCache)
+
+    # --- public ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hires: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        plan: AttentionPlan,
+        guide: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity of the hires tokens.
+
+        hires: (B, hires_tokens, C) packed latents in window-first order; guide: (B, guide_tokens, C) clean packed
+        guide latent in tile-first order (None when the layout has none); encoder_hidden_states: (B, text_tokens,
+        joint_dim) Qwen3 prompt embeddings; timestep: (B,) sigma in [0, 1] (diffusers' Flux2KleinPipeline passes
+        t / 1000); guidance: (B,) for guidance-distilled models (config ``guidance_embeds``), else None (klein).
+        Returns (B, hires_tokens, C) in window-first order."""
+        tr = self.transformer
+        self._check_inputs(hires, encoder_hidden_states, plan, guide, guidance)
+        t = timestep.to(hires.dtype) * 1000
+        g = guidance.to(hires.dtype) * 1000 if guidance is not None else None
+        temb = tr.time_guidance_embed(t, g)
+        main = Mods.of(tr, temb)
+        x = linear(tr.x_embedder, hires, adapted=False)
+        text = tr.context_embedder(encoder_hidden_states)
+        rope = self._rope_for(plan, x.device)
+        streams = Streams(text, x, None)
+        guide_mods = None
+        cache: Flux2KVCache | None = None
+        if guide is not None:
+            guide_mods = self._guide_mods(t, g)
+            if self._use_cache(plan):
+                cache = self._cached_guide_kv(guide, g, guide_mods, plan, rope)
+            else:
+                streams.guide = tr.x_embedder(guide)  # adapted: a LoRA on x_embedder acts on the guide
+
+        if self._compiled is not None:
+            key, backend = plan_key(plan), self.backend.value
+
+            def attention(q, k, v):  # an opaque custom op inside the compiled block
+                return attend_op(q, k, v, key, backend)
+        else:
+
+            def attention(q, k, v):
+                return attend(q, k, v, plan, self.backend, out=heads_last_output(q))
+
+        for i, block in enumerate(tr.transformer_blocks):
+            kv = cache.get_double(i) if cache is not None else None
+            streams = self._run(double_block, block, streams, main, guide_mods, rope, attention, kv)
+        if self._compiled is not None and len(tr.single_transformer_blocks):
+            # single blocks return views of their joint text + hires stream; give the first one such views too,
+            # so one compiled graph serves them all
+            joint = torch.cat([streams.text, streams.hires], dim=1)
+            streams = Streams(joint[:, : text.shape[1]], joint[:, text.shape[1] :], streams.guide)
+        for i, block in enumerate(tr.single_transformer_blocks):
+            kv = cache.get_single(i) if cache is not None else None
+            streams = self._run(single_block, block, streams, main, guide_mods, rope, attention, kv)
+        return tr.proj_out(tr.norm_out(streams.hires, temb))
+
+    def clear_guide_cache(self) -> None:
+        """Forget the cached guide keys/values and the rotary tables (call after each image to free their memory).
+        Also needed after editing base weights in place (e.g. fusing another LoRA into them)."""
+        self._guide_cache = None
+        self._rope = None
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` the double- and single-block forwards (one graph each, shared by all blocks of a kind,
+        ``dynamic=False``: one compile per resolution). Attention stays one opaque custom-op call inside the graph;
+        the guide's once-per-image pass is not compiled."""
+        options = {"dynamic": False, **compile_kwargs}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
+
+    # --- internals ---------------------------------------------------------------------------------------------
+    def _check_inputs(self, hires, text, plan: AttentionPlan, guide, guidance) -> None:
+        layout = plan.layout
+        if hires.dim() != 3 or hires.shape[1] != layout.hires_tokens:
+            raise ValueError(f"hires must be (B, {layout.hires_tokens}, C) for this layout, got {tuple(hires.shape)}")
+        if text.shape[1] != layout.text_tokens:
+            raise ValueError(
+                f"encoder_hidden_states has {text.shape[1]} tokens but the layout expects {layout.text_tokens}; "
+                f"build the layout with text_tokens={text.shape[1]}"
+            )
+        if (guide is None) != (layout.rho is None):
+            need = "no guide (rho=None)" if layout.rho is None else f"a guide of {layout.guide_tokens} tokens"
+            raise ValueError(f"the layout needs {need}, got guide={None if guide is None else tuple(guide.shape)}")
+        if guide is not None and (guide.shape[0] != hires.shape[0] or guide.shape[1] != layout.guide_tokens):
+            raise ValueError(f"guide must be ({hires.shape[0]}, {layout.guide_tokens}, C), got {tuple(guide.shape)}")
+        needs_guidance = self.transformer.config.guidance_embeds
+        if needs_guidance and guidance is None:
+            raise ValueError("this FLUX.2 model is guidance-distilled (config guidance_embeds): pass guidance, e.g. "
+                             "torch.full((B,), 4.0)")
+        if not needs_guidance and guidance is not None:
+            raise ValueError("this FLUX.2 model has no guidance embedding (klein; config guidance_embeds=false): "
+                             "pass guidance=None and use CFG for the base models")
+        foreign = sorted(self._adapter_names() - {ADAPTER_NAME})
+        if foreign:
+            raise ValueError(
+                f"adapters {foreign} are loaded on the transformer; the hierarchical forward runs text and hires "
+                f"tokens through the base weights only, so they would silently act on the guide alone. Fuse them "
+                f"into the base weights first (diffusers: pipe.fuse_lora(); pipe.unload_lora_weights()), or load a "
+                f"guide LoRA with ultragen.flux2.lora.load_guide_lora"
+            )
+
+    def _guide_mods(self, t: torch.Tensor, g: torch.Tensor | None) -> Mods:
+        """The guide's modulation: the model's shared modulation layers at t = 0 (same guidance)."""
+        t_guide = torch.full_like(t, GUIDE_TIMESTEP * 1000)
+        return Mods.of(self.transformer, self.transformer.time_guidance_embed(t_guide, g))
+
+    def _rope_for(self, plan: AttentionPlan, device: torch.device) -> Rope:
+        if self._rope is None or self._rope[0] is not plan or self._rope[1:3] != (device, self.ntk_factor):
+            cfg = self.transformer.config
+            rope = flux2_rope(sequence_ids(plan.layout).to(device), tuple(cfg.axes_dims_rope), cfg.rope_theta,
+                              self.ntk_factor)
+            self._rope = (plan, device, self.ntk_factor, rope)
+        return self._rope[3]
+
+    def _adapter_names(self) -> set[str]:
+        names: set[str] = set()
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                names.update(module.lora_A.keys() if hasattr(module, "lora_A") else module.active_adapters)
+        return names
+
+    def _use_cache(self, plan: AttentionPlan) -> bool:
+        return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
+
+    def _adapter_fingerprint(self) -> tuple:
+        """Adapter state (active set, on/off, scales, weights by identity and in-place version) the guide's keys and
+        values depend on besides the inputs."""
+        marks = []
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
+                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters, scaling))
+                marks.extend((p.data_ptr(), p._version) for p in module.parameters())
+        return tuple(marks)
+
+    def _cached_guide_kv(self, guide, g, mods: Mods, plan: AttentionPlan, rope: Rope) -> Flux2KVCache:
+        key = (guide, g, self.ntk_factor, self._adapter_fingerprint())
+        cached = self._guide_cache
+        if cached is None or cached[0] is not plan or not _same(cached[1], key):
+            copies = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in key)
+            self._guide_cache = cached = (plan, copies, self._guide_pass(guide, mods, plan, rope))
+        return cached[2]
+
+    def _guide_pass(self, guide, mods: Mods, plan: AttentionPlan, rope: Rope) -> Flux2KVCache:
+        """Run the guide stream alone through every block; keep each layer's rotated keys and values."""
+        tr = self.transformer
+        start = plan.layout.segment_offsets[Segment.GUIDE]
+        rope_guide = (rope[0][start:], rope[1][start:])
+        cache = Flux2KVCache(len(tr.transformer_blocks), len(tr.single_transformer_blocks))
+        cache.num_ref_tokens = guide.shape[1]
+        x = tr.x_embedder(guide)
+        empty = x.new_zeros(x.shape[0], 0, x.shape[2])
+        layers = [*cache.double_block_caches, *cache.single_block_caches]
+
+        def attention(q, k, v):  # (B, H, G, D); stored as diffusers' (B, G, H, D)
+            layers[len(seen)].store(k.transpose(1, 2), v.transpose(1, 2))
+            seen.append(None)
+            return attend_within(q, k, v, plan, Segment.GUIDE)
+
+        seen: list = []
+        streams = Streams(empty, empty, x)
+        for block in tr.transformer_blocks:
+            streams = double_block(block, streams, mods, mods, rope_guide, attention)
+        for block in tr.single_transformer_blocks:
+            streams = single_block(block, streams, mods, mods, rope_guide, attention)
+        return cache
+
+    def _run(self, fn, block, streams: Streams, main: Mods, guide: Mods | None, rope: Rope, attention, kv) -> Streams:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, block, streams, main, guide, rope, attention, kv, use_reentrant=False)
+        if self._compiled is not None:
+            fn = self._compiled[fn]
+        return fn(block, streams, main, guide, rope, attention, kv)
