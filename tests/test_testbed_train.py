@@ -53,7 +53,7 @@ def test_every_strategy_samples_a_hires_latent(strategy, warm):
     c, n = MICRO.codec().channels, MICRO.base_tokens
     guide = sample_base(model, MICRO, prompt, empty, torch.randn(1, c, n, n), settings)
     out = sample_hires(model, MICRO, strategy, warm, guide, prompt, empty, torch.randn(1, c, 2 * n, 2 * n), settings,
-                       scale=2)
+                       scale=2).latents
     assert out.shape == (1, c, 2 * n, 2 * n) and torch.isfinite(out).all()
 
 
@@ -64,6 +64,8 @@ def test_evaluate_writes_every_row(tmp_path):
     assert record["base"].keys() == {"count_acc", "color_acc", "position_acc"}
     assert [(r["strategy"], r["warm_start"]) for r in record["rows"]] == [
         (s.value, w) for s in list(Strategy)[:3] for w in (False, True)]
+    warm_sigma = _stock_sigma(steps=2, skip=1, shift=settings.sampler.hires_shift)
+    assert [(r["start_sigma"], r["steps_run"]) for r in record["rows"]] == [(1.0, 2), (warm_sigma, 1)] * 3
     assert record["missing"] and "lora" in record["missing"][0]
     assert all(0 < r["detail_ratio"] < float("inf") for r in record["rows"])
     assert 0 < record["reference"]["upsampled_base_detail_ratio"] < float("inf")
@@ -170,5 +172,65 @@ def test_guide_offset_moves_the_guide_tokens_of_a_sample():
     guide, noise = torch.randn(1, c, n, n, generator=g), torch.randn(1, c, 2 * n, 2 * n, generator=g)
     outs = [sample_hires(model, MICRO, Strategy.GUIDE, False, guide, prompt, empty, noise,
                          SamplerSettings(steps=2, warm_start_skip=1, backend="reference", guide_offset_tokens=offset),
-                         scale=2) for offset in (None, 0.5, 0.0)]
+                         scale=2).latents for offset in (None, 0.5, 0.0)]
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])  # None centres: 0.5 at rho 2
+
+
+def _stock_sigma(steps: int, skip: int, shift: float) -> float:
+    """Step ``skip``'s sigma of FluxPipeline's N-step schedule on a stock diffusers scheduler with a static shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    stock = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+    stock.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    return pytest.approx(float(stock.sigmas[skip]), abs=1e-6)
+
+
+def test_testbed_warm_start_starts_from_the_renoised_guide_and_says_so(monkeypatch):
+    """Warm start: the integration starts from the guide upsampled, sharpened and re-noised (computed here
+    independently) at step k's sigma and runs N - k steps; the sample says where it started. Cold: from the noise."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ultragen.testbed import sample as sample_module
+
+    starts = []
+    euler = sample_module.euler
+
+    def recording(velocity, x, sigmas, *args):
+        starts.append((x.clone(), sigmas.clone()))
+        return euler(velocity, x, sigmas, *args)
+
+    monkeypatch.setattr(sample_module, "euler", recording)
+    model = MICRO.build_model().eval()
+    enc = MICRO.text_encoder()
+    prompt, empty = enc.encode_scenes([sample_scene(0)]), enc.encode_scenes([None])
+    c, n = MICRO.codec().channels, MICRO.base_tokens
+    g = torch.Generator().manual_seed(0)
+    guide, other_guide = torch.randn(1, c, n, n, generator=g), torch.randn(1, c, n, n, generator=g)
+    noise = torch.randn(1, c, 2 * n, 2 * n, generator=g)
+    settings = SamplerSettings(steps=4, warm_start_skip=2, sharpen_strength=0.6, sharpen_sigma_tokens=1.2,
+                               backend="reference")
+
+    def run(warm, g_):
+        return sample_hires(model, MICRO, Strategy.WINDOWS, warm, g_, prompt, empty, noise, settings, scale=2)
+
+    warm, cold = run(True, guide), run(False, guide)
+    sigma = _stock_sigma(steps=4, skip=2, shift=settings.hires_shift)
+    assert (warm.start_sigma, warm.steps_run) == (sigma, 2) and (cold.start_sigma, cold.steps_run) == (1.0, 4)
+    (x_warm, sigmas_warm), (x_cold, _) = starts
+    assert float(sigmas_warm[0]) == sigma and len(sigmas_warm) == 3
+    torch.testing.assert_close(x_cold, noise, rtol=0, atol=0)
+    # the reference: bicubic x2 -> x + s (x - blur(x)) with a 2D Gaussian (radius ceil(3 sigma), reflect) -> renoise
+    up = F.interpolate(guide.double(), size=(2 * n, 2 * n), mode="bicubic", align_corners=False)
+    r = math.ceil(3 * 1.2)
+    d = torch.arange(-r, r + 1, dtype=torch.float64)
+    kernel = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * 1.2**2))
+    blurred = F.conv2d(F.pad(up, (r,) * 4, mode="reflect"), (kernel / kernel.sum()).expand(c, 1, -1, -1), groups=c)
+    s = warm.start_sigma
+    expected = (1 - s) * (up + 0.6 * (up - blurred)) + s * noise.double()
+    torch.testing.assert_close(x_warm, expected.float(), rtol=1e-5, atol=1e-5)
+    # windows only (no guide stream): the guide reaches the output only through the warm start
+    assert not torch.allclose(run(True, other_guide).latents, warm.latents)
+    torch.testing.assert_close(run(False, other_guide).latents, cold.latents, rtol=0, atol=0)

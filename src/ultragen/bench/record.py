@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ultragen.atomic import atomic_path
+
 
 def gpu_slug() -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (file names of results)."""
@@ -35,7 +37,8 @@ def result_path(kind: str, directory: str | Path = "bench/results") -> Path:
 
 
 def write_result(path: str | Path, record: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**environment(), **record}, indent=1) + "\n")
-    return path
+    """``record`` with the :func:`environment` as JSON at ``path``, written atomically (never a partial file)."""
+    text = json.dumps({**environment(), **record}, indent=1) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -15,25 +15,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ultragen.atomic import atomic_path
 from ultragen.testbed.scenes import render, sample_scene
 
 
 def write_scenes(out_dir: str | Path, seeds: range, size_px: int, scales: tuple[int, ...] = (1,),
                  force: bool = False) -> Iterator[Path]:
-    """Render and write the scenes of ``seeds``; yields each base PNG path as it is written."""
+    """Render and write the scenes of ``seeds``; yields each base PNG path as it is written.
+
+    Every file is written atomically; ``scenes.jsonl`` appears only once every scene is written, so a stopped run
+    leaves whole images and no index (and is not taken for a finished scene set)."""
     out = Path(out_dir)
     index = out / "scenes.jsonl"
     if index.exists() and not force:
         raise ValueError(f"{out} already holds a scene set ({index.name}); pass another folder or --force")
     out.mkdir(parents=True, exist_ok=True)
-    with open(index, "w") as f:
+    with atomic_path(index) as tmp_index, open(tmp_index, "w") as f:
         for seed in seeds:
             scene = sample_scene(seed)
             for scale in scales:
                 suffix = "" if scale == 1 else f"@{scale}x"
                 image = render(scene, size_px * scale)
-                Image.fromarray((image * 255).round().astype(np.uint8)).save(out / f"{seed:010d}{suffix}.png")
-            (out / f"{seed:010d}.txt").write_text(scene.caption + "\n")
+                with atomic_path(out / f"{seed:010d}{suffix}.png") as tmp:
+                    Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+            with atomic_path(out / f"{seed:010d}.txt") as tmp:
+                tmp.write_text(scene.caption + "\n")
             f.write(json.dumps({"seed": seed, "caption": scene.caption, **_plain(asdict(scene))}) + "\n")
             yield out / f"{seed:010d}.png"
 

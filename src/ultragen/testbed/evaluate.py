@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ultragen.atomic import atomic_path
 from ultragen.flux.lora import load_guide_lora, read_lora_metadata
 from ultragen.policy import get_policy
 from ultragen.testbed.metrics import (
@@ -59,9 +60,11 @@ class EvalSettings:
 
 @dataclass
 class _Run:
-    """Images of one row for all prompts: (N, 3, H, W) in [0, 1]."""
+    """Images of one row for all prompts: (N, 3, H, W) in [0, 1]; where its sampler started (hires rows)."""
 
     images: list[torch.Tensor] = field(default_factory=list)
+    start_sigma: float | None = None
+    steps_run: int | None = None
 
     def stacked(self) -> torch.Tensor:
         return torch.cat(self.images)
@@ -98,13 +101,17 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
         bar.update(1)
         for strategy, warm in jobs:
             net = lora_model if strategy is Strategy.GUIDE_LORA else model
-            latents = sample_hires(net, config, strategy, warm, guide, prompt, empty, noise_hires, settings.sampler,
-                                   settings.scale)
-            rows[_row_name(strategy, warm)].images.append(codec.decode(latents).clamp(0, 1).cpu())
+            sample = sample_hires(net, config, strategy, warm, guide, prompt, empty, noise_hires, settings.sampler,
+                                  settings.scale)
+            row = rows[_row_name(strategy, warm)]
+            row.images.append(codec.decode(sample.latents).clamp(0, 1).cpu())
+            row.start_sigma, row.steps_run = sample.start_sigma, sample.steps_run
             bar.update(1)
     bar.close()
     images = {name: run.stacked() for name, run in rows.items()}
-    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype, offset)
+    starts = {name: (run.start_sigma, run.steps_run) for name, run in rows.items()}
+    record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype, offset,
+                     starts)
     return record, images
 
 
@@ -153,7 +160,7 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
             images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype,
-            guide_offset_tokens: float) -> dict:
+            guide_offset_tokens: float, starts: dict[str, tuple[float, int]]) -> dict:
     window_px, token_px, factor = config.window_px, config.token_px, settings.scale
     base = images["base"]
     hires_px = config.base_px * factor
@@ -163,7 +170,9 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
     rows = []
     for strategy, warm in jobs:
         out = images[_row_name(strategy, warm)]
-        rows.append({"strategy": strategy.value, "warm_start": warm, **_scores(scenes, out),
+        start_sigma, steps_run = starts[_row_name(strategy, warm)]
+        rows.append({"strategy": strategy.value, "warm_start": warm, "start_sigma": start_sigma,
+                     "steps_run": steps_run, **_scores(scenes, out),
                      "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base),
                      "detail_ratio": detail_ratio(out, truth_energy, factor)})
     clean = torch.stack([to_tensor(render(s, hires_px, supersample=1)) for s in scenes[: min(8, len(scenes))]])
@@ -192,11 +201,14 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
 
 def write_results(record: dict, images: dict[str, torch.Tensor], json_path: str | Path, grid_path: str | Path | None,
                   grid_prompts: int = 3) -> None:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    """The record as JSON and the sample grid as an image (format from the name, default PNG), each written atomically (a failure leaves no partial file)."""
+    text = json.dumps(record, indent=2) + "\n"  # serialised before anything is written
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(text)
     if grid_path is not None:
-        sample_grid(images, grid_prompts).save(grid_path)
+        grid = sample_grid(images, grid_prompts)
+        with atomic_path(grid_path) as tmp:
+            grid.save(tmp, format=Image.registered_extensions().get(Path(grid_path).suffix.lower(), "PNG"))
 
 
 def sample_grid(images: dict[str, torch.Tensor], prompts: int = 3) -> Image.Image:

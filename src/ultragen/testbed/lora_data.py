@@ -22,7 +22,7 @@ import torch
 from ultragen.testbed.latent import layout_px, to_tokens
 from ultragen.testbed.scenes import render, sample_scene
 from ultragen.testbed.train import TRAIN_SUPERSAMPLE, load_config
-from ultragen.train.cache import EMPTY, CacheWriter, normalise_model, write_tensors_atomic
+from ultragen.train.cache import EMPTY, CacheWriter, normalise_model, write_tensors_atomic, write_text_atomic
 
 LORA_SEED0 = 500_000_000  # LoRA scenes: seeds LORA_SEED0 + i (the base model trained on other seeds)
 
@@ -64,7 +64,7 @@ def write_lora_cache(run_dir: str | Path, out_dir: str | Path, count: int, scale
         "pooled_dim": config.pooled_dim,
         "prepare": {"testbed": config.to_dict(), "scale": scale, "first_seed": LORA_SEED0, "count": count},
     })
-    (out / "testbed.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_text_atomic(out / "testbed.json", json.dumps(config.to_dict(), indent=2))
 
 
 def _render_sizes(scene, sizes_px: tuple[int, ...]) -> list[np.ndarray]:

@@ -10,7 +10,8 @@ caption. What differs is the velocity function at the hires size:
 - ``windows+guide+lora``: the same with a guide LoRA loaded into the model.
 
 Warm start (any strategy): the base sample, upsampled, sharpened and re-noised to the schedule's sigma at step k
-(:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. Latents are unpacked (B, C, rows, cols)
+(:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. :func:`sample_hires` returns the sigma
+it started from and the number of steps it ran with the latents, and the evaluation records both per row. Latents are unpacked (B, C, rows, cols)
 float32; the model runs in its own dtype (bfloat16 on CUDA in the evaluation) and its output is integrated in float32.
 """
 
@@ -131,13 +132,23 @@ def sample_base(model: FluxTransformer2DModel, config: TestbedConfig, prompt: Pr
     return euler(stock_velocity(model, grid), noise, sigmas, prompt, empty, settings.cfg_scale)
 
 
+@dataclass(frozen=True)
+class HiresSample:
+    """``latents``: (B, C, scale * base, scale * base) float32; ``start_sigma``: the noise level the integration
+    started from (1 cold, the schedule's sigma at step k under warm start); ``steps_run``: Euler steps taken."""
+
+    latents: torch.Tensor
+    start_sigma: float
+    steps_run: int
+
+
 @torch.no_grad()
 def sample_hires(model: FluxTransformer2DModel, config: TestbedConfig, strategy: Strategy, warm_start: bool,
                  guide: torch.Tensor, prompt: PromptEmbeds, empty: PromptEmbeds, noise: torch.Tensor,
-                 settings: SamplerSettings, scale: int = 4) -> torch.Tensor:
-    """Latents (B, C, scale * base, scale * base). ``guide``: the base sample (B, C, base, base), used as the
-    guide stream by the guide strategies and as the warm-start image when ``warm_start``. The LoRA strategy expects
-    the LoRA already loaded into ``model``."""
+                 settings: SamplerSettings, scale: int = 4) -> HiresSample:
+    """The hires sample and where its integration started. ``guide``: the base sample (B, C, base, base), used as
+    the guide stream by the guide strategies and as the warm-start image when ``warm_start``. The LoRA strategy
+    expects the LoRA already loaded into ``model``."""
     strategy = Strategy(strategy)
     size = (config.base_tokens * scale, config.base_tokens * scale)
     if strategy is Strategy.DENSE:
@@ -150,4 +161,5 @@ def sample_hires(model: FluxTransformer2DModel, config: TestbedConfig, strategy:
     if warm_start:
         x = warm_start_latent(guide, size, noise, float(sigmas[0]), settings.sharpen_strength,
                               settings.sharpen_sigma_tokens)
-    return euler(velocity, x, sigmas, prompt, empty, settings.cfg_scale)
+    latents = euler(velocity, x, sigmas, prompt, empty, settings.cfg_scale)
+    return HiresSample(latents, float(sigmas[0]), len(sigmas) - 1)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ultragen.atomic import atomic_folder
+from ultragen.atomic import atomic_folder, atomic_path
 from ultragen.testbed.model import TestbedConfig, raster_ids
 from ultragen.testbed.scenes import render, sample_scene
 
@@ -173,11 +173,13 @@ def train(config: TestbedConfig, settings: TrainSettings, run_dir: str | Path, d
 
 
 def export_model(ema: torch.nn.Module, folder: Path) -> None:
-    """The EMA model as a transformer-only diffusers folder, loadable by ``ultragen train --model FOLDER``."""
-    ema.save_pretrained(folder / "transformer")
+    """The EMA model as a transformer-only diffusers folder, loadable by ``ultragen train --model FOLDER``; built
+    in a temporary folder and swapped in whole (a failure leaves the previous export, never a part)."""
     index = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
              "transformer": ["diffusers", "FluxTransformer2DModel"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    with atomic_folder(folder) as tmp:
+        ema.save_pretrained(tmp / "transformer")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -194,8 +196,8 @@ def _check_run_config(run_dir: Path, config: TestbedConfig) -> None:
             raise ValueError(f"{run_dir} holds a run of testbed config {saved.name!r} ({saved}); resume it with the "
                              f"same preset or use another run folder")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config.to_dict(), indent=2))
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(config.to_dict(), indent=2))
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, settings: TrainSettings) -> Path:

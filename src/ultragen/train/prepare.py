@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ultragen.atomic import atomic_path
 from ultragen.train.cache import (
     EMPTY,
     ITEMS,
@@ -135,6 +136,7 @@ def generate_images(pipe, config: PrepareConfig, prompts: list[str], images_dir:
                      guidance_scale=config.generate_guidance if guided else 0.0, generator=generator,
                      max_sequence_length=text_tokens).images[0]
         name = f"{i:06d}"
-        image.save(images_dir / f"{name}.png")
+        with atomic_path(images_dir / f"{name}.png") as tmp:  # the training step reads it: never a partial PNG
+            image.save(tmp, format="PNG")
         write_text_atomic(images_dir / f"{name}.txt", prompt + "\n")
     return images_dir

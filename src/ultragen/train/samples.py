@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ultragen.atomic import atomic_path
 from ultragen.layout import HierLayout
 from ultragen.train.config import TrainConfig
 from ultragen.train.prepare import read_prompts
@@ -62,7 +63,8 @@ def write_samples(transformer, config: TrainConfig, layout: HierLayout, run_dir:
     try:
         for i, prompt in enumerate(prompts):
             result = pipe(prompt, generator=torch.Generator("cpu").manual_seed(i), progress=False, **settings)
-            result.images[0].save(out / f"step-{step:06d}-{i:02d}.png")
+            with atomic_path(out / f"step-{step:06d}-{i:02d}.png") as tmp:  # never a partial PNG
+                result.images[0].save(tmp, format="PNG")
     finally:
         transformer.train(was_training)
     log_line(f"step {step}: wrote {len(prompts)} validation samples to {out}")
