@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -56,6 +59,22 @@ class UltraGenOutput:
 
 
 @dataclass(frozen=True)
+class StepEvent:
+    """Progress inside :meth:`UltraGenPipeline.generate_latents`: ``done`` of ``total`` units of ``stage`` finished
+    ("encode": 1 unit; "guide": stage-A steps; "hires" or "hires<level>" with a cascade: stage-B steps). The last
+    "guide" event carries stage A's unpacked latents ``guide`` (B, C, h/8, w/8). A callback that raises stops the
+    generation there, between two steps (the exception propagates; the guide cache is cleared)."""
+
+    stage: str
+    done: int
+    total: int
+    guide: torch.Tensor | None = None
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass(frozen=True)
 class _Prompt:
     embeds: torch.Tensor  # (B, text_tokens, joint_dim)
     pooled: torch.Tensor  # (B, pooled_dim)
@@ -71,17 +90,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _adapters_off(transformer):
-    """Run the stock model: PEFT adapters (the guide LoRA) disabled inside, restored after."""
-    has_adapters = getattr(transformer, "_hf_peft_config_loaded", False)
-    if has_adapters:
-        transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        if has_adapters:
-            transformer.enable_adapters()
 
 
 class UltraGenPipeline:
@@ -89,12 +97,16 @@ class UltraGenPipeline:
 
     Wraps a diffusers :class:`FluxPipeline` (its text encoders, tokenizers, VAE, scheduler and transformer are
     used as they are; the transformer's weights are never modified, a guide LoRA is added as a PEFT adapter).
+    Style LoRAs (:meth:`load_style_lora`) are loaded by diffusers as further adapters and act as in stock diffusers.
     """
 
     def __init__(self, flux: FluxPipeline, model: str = ""):
         self.flux = flux
         self.model = model
         self.lora_metadata = None
+        self.lora_record: dict | None = None  # the guide LoRA file: path, sha256, scale
+        self.style_loras: tuple = ()  # ultragen.flux.style_lora.LoadedStyleLora, in loading order
+        self._style_loads = 0  # adapter names are never reused (style1, style2, ...)
         self._warned_no_lora = False
         self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
         self._fp8 = False
@@ -134,9 +146,9 @@ class UltraGenPipeline:
             return
         if not config.fp8:
             raise ValueError("this pipeline's transformer is already FP8; load a fresh pipeline for bf16 weights")
-        if self.lora_metadata is not None:
-            raise ValueError("fp8=True must quantize the transformer before the LoRA is added; call prepare_weights "
-                             "(or generate once) before load_lora")
+        if self.lora_metadata is not None or self.style_loras:
+            raise ValueError("fp8=True must quantize the transformer before any LoRA is added; call prepare_weights "
+                             "(or generate once) before load_lora / load_style_lora")
         from ultragen.flux.fp8 import quantize_blocks_fp8
 
         quantize_blocks_fp8(self.flux.transformer)
@@ -146,10 +158,71 @@ class UltraGenPipeline:
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
         from ultragen.flux.lora import load_guide_lora
 
+        from ultragen.style_lora import file_sha256
+
         expected = config.lora_expectation(config.model or self.model)
         self.lora_metadata = load_guide_lora(self.flux.transformer, path, expected=expected,
                                              allow_mismatch=allow_mismatch)
+        self.lora_record = {"kind": "guide", "path": str(Path(path).resolve()), "sha256": file_sha256(path),
+                            "scale": 1.0}
+        self._activate_adapters()  # diffusers' add_adapter made the guide LoRA the only active adapter
         return self.lora_metadata
+
+    def load_style_lora(self, path: str | os.PathLike, scale: float = 1.0):
+        """Add a style LoRA (any FLUX.1 format diffusers reads: diffusers/PEFT, kohya, XLabs, ...; .safetensors only)
+        at ``scale``. It acts on every token stream in both stages, as it does in stock diffusers; the guide LoRA
+        acts on top of it on the guide tokens only. Refused (ValueError naming the file) when it is not a
+        safetensors file, is corrupt, or does not fit this model. Returns the loaded LoRA (file, SHA-256, adapter)."""
+        from ultragen.flux.style_lora import load_style_lora
+        from ultragen.style_lora import StyleLoraSpec, read_style_lora
+
+        lora = read_style_lora(StyleLoraSpec(os.fspath(path), scale))
+        self._style_loads += 1
+        loaded = load_style_lora(self.flux, lora, adapter_name=f"style{self._style_loads}")
+        self.style_loras = (*self.style_loras, loaded)
+        self._activate_adapters()
+        return loaded
+
+    def unload_style_loras(self) -> None:
+        """Remove every style LoRA (their adapters are deleted; the guide LoRA stays)."""
+        if self.style_loras:
+            self.flux.delete_adapters([s.adapter_name for s in self.style_loras])
+        self.style_loras = ()
+        self._activate_adapters()
+
+    def lora_records(self) -> list[dict]:
+        """Every LoRA file in use, for an image's record: kind ("guide" or "style"), path, SHA-256 and scale."""
+        styles = [{"kind": "style", **s.file.record()} for s in self.style_loras]
+        return ([self.lora_record] if self.lora_record is not None else []) + styles
+
+    def _activate_adapters(self, guide: bool = True) -> None:
+        """Make exactly the style LoRAs (at their scales) and, with ``guide``, the guide LoRA active."""
+        names = [s.adapter_name for s in self.style_loras]
+        weights = [s.scale for s in self.style_loras]
+        if guide and ADAPTER_NAME in getattr(self.flux.transformer, "peft_config", {}):
+            names, weights = [*names, ADAPTER_NAME], [*weights, 1.0]
+        if names:
+            self.flux.set_adapters(names, weights)
+
+    @contextlib.contextmanager
+    def _guide_lora_off(self):
+        """Stage A runs the stock model: the style LoRAs on, the guide LoRA off inside, restored after."""
+        transformer = self.flux.transformer
+        if ADAPTER_NAME not in getattr(transformer, "peft_config", {}):
+            yield
+            return
+        styled = any("transformer" in s.components for s in self.style_loras)
+        if styled:
+            self._activate_adapters(guide=False)
+        else:
+            transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            if styled:
+                self._activate_adapters()
+            else:
+                transformer.enable_adapters()
 
     # --- the call --------------------------------------------------------------------------------------------------
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
@@ -215,8 +288,10 @@ class UltraGenPipeline:
 
     @torch.no_grad()  # also when called directly (``ultragen generate`` does): no autograd graph, the guide cache on
     def generate_latents(self, prompt: str | list[str], config: GenerationConfig,
-                         generator: torch.Generator | None = None, progress: bool = True):
+                         generator: torch.Generator | None = None, progress: bool = True,
+                         callback: StepCallback | None = None):
         """(final unpacked latents (B, C, H/8, W/8) cropped to the requested size, guide latents, timings_s).
+        ``callback`` is called with a :class:`StepEvent` after each unit of work (it may raise to stop).
 
         Sets :attr:`last_warm_start_sigmas` to the sigma each cascade level's stage B started from."""
         if not config.is_resolved():
@@ -234,13 +309,16 @@ class UltraGenPipeline:
         clock = _Clock(self.device, timings)
         with clock("encode"):
             text = self._encode(prompts, config)
+        if callback is not None:
+            callback(StepEvent("encode", 1, 1))
         with clock("guide"):
-            guide = self._stage_a(text, config, generator, progress)
+            guide = self._stage_a(text, config, generator, progress, callback)
         x, sigmas = guide, []
         self.last_warm_start_sigmas = ()
         for level, layout in enumerate(config.layouts()):
-            with clock(f"hires{level}" if config.cascade_levels > 1 else "hires"):
-                x, sigma = self._stage_b(hier, x, layout, text, config, generator, progress)
+            stage = f"hires{level}" if config.cascade_levels > 1 else "hires"
+            with clock(stage):
+                x, sigma = self._stage_b(hier, x, layout, text, config, generator, progress, callback, stage)
             sigmas.append(sigma)
         self.last_warm_start_sigmas = tuple(sigmas)
         return x, guide, timings
@@ -280,26 +358,36 @@ class UltraGenPipeline:
         dtype = self.flux.transformer.dtype
         return _Prompt(embeds.to(dtype), pooled.to(dtype))
 
-    def _stage_a(self, text: _Prompt, config: GenerationConfig, generator, progress: bool) -> torch.Tensor:
+    def _stage_a(self, text: _Prompt, config: GenerationConfig, generator, progress: bool,
+                 callback: StepCallback | None = None) -> torch.Tensor:
         """The guide: diffusers' FluxPipeline at the guide size. Returns unpacked clean latents (B, C, h/8, w/8)."""
         height, width = config.guide_size_px
+
+        def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:  # diffusers' callback_on_step_end
+            last = i + 1 == config.guide_steps
+            callback(StepEvent("guide", i + 1, config.guide_steps,
+                               unpack(tensors["latents"], height, width) if last else None))
+            return {}
+
         flux, scheduler = self.flux, self.flux.scheduler
         if not config.guide_dynamic_shift and scheduler.config.use_dynamic_shifting:
             flux.scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
         flux.set_progress_bar_config(desc="guide", disable=not progress)
         try:
-            with _adapters_off(flux.transformer):
+            with self._guide_lora_off():
                 packed = flux(
                     prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
                     num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
                     generator=generator, output_type="latent", max_sequence_length=config.text_tokens,
+                    callback_on_step_end=on_step_end if callback is not None else None,
                 ).images
         finally:
             flux.scheduler = scheduler
         return unpack(packed, height, width)
 
     def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
-                 config: GenerationConfig, generator, progress: bool) -> tuple[torch.Tensor, float]:
+                 config: GenerationConfig, generator, progress: bool, callback: StepCallback | None = None,
+                 stage: str = "hires") -> tuple[torch.Tensor, float]:
         """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> (unpacked clean latent of the requested
         size (B, C, H/8, W/8), the sigma the warm start re-noised the guide to)."""
         expected = (layout.guide_image_grid[0] * 2, layout.guide_image_grid[1] * 2)
@@ -322,10 +410,13 @@ class UltraGenPipeline:
             guidance = torch.full((batch,), config.guidance_scale, device=device, dtype=torch.float32)
         timesteps = scheduler.timesteps[config.warm_start_skip :]
         try:
-            for t in tqdm(timesteps, desc=f"hires {layout.width_px}x{layout.height_px}", disable=not progress):
+            for i, t in enumerate(tqdm(timesteps, desc=f"hires {layout.width_px}x{layout.height_px}",
+                                       disable=not progress)):
                 sigma_t = (t / 1000).expand(batch).to(x.dtype)
                 velocity = hier(x, text.embeds, text.pooled, sigma_t, plan, guide=g, guidance=guidance)
                 x = scheduler.step(velocity, t, x, return_dict=False)[0]
+                if callback is not None:
+                    callback(StepEvent(stage, i + 1, len(timesteps)))
         finally:
             hier.clear_guide_cache()
         raster = layout.hires_to_raster(x)
