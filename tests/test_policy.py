@@ -9,30 +9,103 @@ from ultragen.layout import InWindowOrder, Segment, make_layout
 from ultragen.policy import PRESETS, AttentionPolicy, Reach, build_plan, get_policy
 
 
-def block_or(mask: torch.Tensor, b: int) -> torch.Tensor:
-    n = mask.shape[0] // b
-    return mask.view(n, b, n, b).any(dim=3).any(dim=1)
-
-
-def block_and(mask: torch.Tensor, b: int) -> torch.Tensor:
-    n = mask.shape[0] // b
-    return mask.view(n, b, n, b).all(dim=3).all(dim=1)
-
-
 def small_layout(h_tokens, w_tokens, rho=2, order=InWindowOrder.RASTER):
     return make_layout(h_tokens * 16, w_tokens * 16, window_tokens=4, rho=rho, text_tokens=8, block_tokens=8,
                        in_window_order=order)
 
 
+# --- the rule, written again here from docs/design.md ("Attention policy"), token by token ---------------------------
+def brute_force_rule(layout, policy: AttentionPolicy) -> torch.Tensor:
+    """(n_blocks, n_blocks) bool: query block i reads key block j under the documented rule, i.e. some token of
+    block j is within query block i's reach (the rule is on blocks: a key block that intersects the reach is read
+    whole, so every allowed block is full by construction). Reads only the layout's geometry (each sequence position's segment and its
+    (row, col) in its segment's grid) and the policy's fields; no policy.py helper.
+
+    The rule: text sees text; a hires block sees its own window, plus (local) every key token inside its rectangle
+    grown by the halo (None: half a window), and (local) every guide token inside its footprint on the guide grid
+    (hires rows / cols divided by rho, floored) grown by the margin (None: window / rho each way); a guide tile
+    sees itself plus (local) every guide token inside its rectangle grown by the radius. Every other pair is all
+    or nothing as the policy's field says. Vectorised over (query block, key token)."""
+    text, hires, guide = 0, 1, 2
+    b, n = layout.block_tokens, layout.seq_tokens // layout.block_tokens
+    seg = layout.token_segments()
+    rc = layout.token_coords()
+    block_seg = seg.view(n, b)[:, 0]
+    assert torch.equal(seg.view(n, b), block_seg[:, None].expand(n, b)), "a block straddles two segments"
+    lo, hi = rc.view(n, b, 2).min(1).values, rc.view(n, b, 2).max(1).values  # (n, 2) each: block bounding box
+    allowed = torch.zeros(n, len(seg), dtype=torch.bool)  # (query block, key token)
+    q_of = {s: (block_seg == s).nonzero().flatten() for s in (text, hires, guide)}  # contiguous ranges
+    k_of = {s: (seg == s).nonzero().flatten() for s in (text, hires, guide)}
+
+    def grant(q, k, keys=True):
+        """Allow query blocks of segment q the key tokens of segment k where ``keys`` (bool (nq, nk) or True)."""
+        if len(q_of[q]) and len(k_of[k]):
+            rows, cols = slice(q_of[q][0], q_of[q][-1] + 1), slice(k_of[k][0], k_of[k][-1] + 1)
+            allowed[rows, cols] |= keys
+
+    def inside(q, k, grow_rows, grow_cols, shrink=1):
+        """(nq, nk): key token inside the query block's box (divided by ``shrink``, floored) grown by rows / cols."""
+        qlo, qhi, krc = lo[q_of[q]], hi[q_of[q]], rc[k_of[k]]
+        grid = torch.arange(int(krc.max()) + 1)  # key rows / cols are >= 0: test each once, then look up per token
+        r0, r1 = qlo[:, 0] // shrink - grow_rows, qhi[:, 0] // shrink + grow_rows
+        c0, c1 = qlo[:, 1] // shrink - grow_cols, qhi[:, 1] // shrink + grow_cols
+        row_in = (r0[:, None] <= grid) & (grid <= r1[:, None])
+        col_in = (c0[:, None] <= grid) & (grid <= c1[:, None])
+        return row_in[:, krc[:, 0]] & col_in[:, krc[:, 1]]
+
+    every = {"all": True, "none": False}
+    grant(text, text)
+    for (q, k), name in {(text, hires): "text_to_hires", (text, guide): "text_to_guide", (hires, text): "hires_to_text",
+                         (guide, text): "guide_to_text", (guide, hires): "guide_to_hires"}.items():
+        if every[Reach(getattr(policy, name)).value]:
+            grant(q, k)
+    w = layout.window_tokens
+    hq = q_of[hires]
+    assert torch.equal(lo[hq] // w, hi[hq] // w), "a hires block spans two windows"
+    krc = rc[k_of[hires]]
+    window_of_line = torch.arange(int(krc.max()) + 1) // w
+    own_row = (lo[hq, 0] // w)[:, None] == window_of_line
+    own_col = (lo[hq, 1] // w)[:, None] == window_of_line
+    own_window = own_row[:, krc[:, 0]] & own_col[:, krc[:, 1]]
+    halo = w // 2 if policy.hires_halo_tokens is None else policy.hires_halo_tokens
+    if policy.hires_to_hires.value == "all":
+        grant(hires, hires)
+    else:
+        grant(hires, hires, own_window | inside(hires, hires, halo, halo))
+    if layout.rho is not None:
+        margin = policy.guide_margin_tokens or (w // layout.rho, w // layout.rho)
+        if policy.hires_to_guide.value == "all":
+            grant(hires, guide)
+        elif policy.hires_to_guide.value == "local":
+            grant(hires, guide, inside(hires, guide, *margin, shrink=layout.rho))
+        own_tile = q_of[guide][:, None] == k_of[guide][None, :] // b
+        r = policy.guide_radius_tokens
+        grant(guide, guide, True if policy.guide_to_guide.value == "all" else own_tile | inside(guide, guide, r, r))
+    return allowed.view(n, n, b).any(-1)
+
+
+def check_plan_against_the_rule(layout, policy) -> None:
+    plan = build_plan(layout, policy)
+    some = brute_force_rule(layout, plan.policy)
+    table = plan.block_table()
+    if not torch.equal(table, some):
+        wrong = (table != some).nonzero()[:5].tolist()
+        raise AssertionError(f"plan and rule differ at (query block, key block) {wrong}: plan {table[tuple(wrong[0])]}")
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("size", [(8, 8), (6, 10), (16, 12)])
-def test_block_table_is_block_or_of_token_mask_and_blocks_are_full(preset, size):
-    layout = small_layout(*size)
-    plan = build_plan(layout, preset)
-    mask = plan.policy.token_mask(layout)
+def test_block_table_follows_the_documented_rule(preset, size):
+    check_plan_against_the_rule(small_layout(*size), get_policy(preset))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_token_mask_is_the_documented_rule_expanded_to_tokens(preset):
+    layout = small_layout(6, 10)
+    some = brute_force_rule(layout, get_policy(preset))
     b = layout.block_tokens
-    assert torch.equal(plan.block_table(), block_or(mask, b))
-    assert torch.equal(block_or(mask, b), block_and(mask, b)), "an allowed block is only partly allowed"
+    expanded = some.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    assert torch.equal(get_policy(preset).token_mask(layout), expanded)
 
 
 @settings(max_examples=30, deadline=None)
@@ -47,15 +120,25 @@ def test_block_table_is_block_or_of_token_mask_and_blocks_are_full(preset, size)
     guide_reach=st.sampled_from([Reach.NONE, Reach.LOCAL, Reach.ALL]),
     text_reach=st.sampled_from([Reach.NONE, Reach.ALL]),
 )
-def test_block_table_matches_token_mask_for_random_policies(rows, cols, rho, order, halo, margin, radius,
-                                                            guide_reach, text_reach):
+def test_block_table_follows_the_rule_for_random_policies(rows, cols, rho, order, halo, margin, radius,
+                                                          guide_reach, text_reach):
     layout = small_layout(rows, cols, rho=rho, order=order)
     policy = AttentionPolicy(hires_halo_tokens=halo, guide_margin_tokens=margin, guide_radius_tokens=radius,
                              hires_to_guide=guide_reach, guide_to_guide=Reach.LOCAL, text_to_hires=text_reach)
-    plan = build_plan(layout, policy)
-    mask = policy.token_mask(layout)
-    assert torch.equal(plan.block_table(), block_or(mask, 8))
-    assert torch.equal(block_or(mask, 8), block_and(mask, 8))
+    check_plan_against_the_rule(layout, policy)
+
+
+@pytest.mark.parametrize("size_px, preset, blocks", [
+    (1024, "default", 424), (4096, "default", 8860), (4096, "authors-code", 9360), (4096, "paper-v1", 10908),
+    (3840, "default", None), (2048, "authors-code", None),
+])
+def test_plans_at_real_sizes_follow_the_rule(size_px, preset, blocks):
+    """The shipped presets at FLUX sizes (128-token blocks, 16-token windows, rho 4) against the rule; the block
+    counts are pinned as a second line of defence (8,860 at 4K default; a margin of 0 would give 8,052)."""
+    layout = make_layout(size_px * 9 // 16 // 16 * 16 if size_px == 3840 else size_px, size_px)
+    check_plan_against_the_rule(layout, get_policy(preset))
+    if blocks is not None:
+        assert build_plan(layout, preset).allowed_blocks == blocks
 
 
 def test_default_policy_at_4k_has_the_designed_structure():
