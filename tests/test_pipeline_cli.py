@@ -182,7 +182,9 @@ BAD = {
     "unknown backend": (["--backend", "warp-drive"], "unknown attention backend"),
     "unknown policy": (["--policy", "everything"], "unknown attention policy"),
     "missing LoRA": (["--lora", "{inputs}/nope.safetensors"], "does not exist"),
-    "mismatched LoRA": (["--lora", "LORA_RHO2"], "trained under other settings"),
+    "mismatched LoRA": (["--lora", "LORA_RHO2", "--rho", "4"], "trained under other settings"),
+    "triton on the CPU": (["--backend", "triton"], "needs a CUDA device"),
+    "size above the limit with a cascade": (["--width", "100000", "--cascade", "3"], "use at most 32768"),
     "unwritable output": (["--out", "{inputs}/empty.txt/fox.png"], "is a file, not a folder"),
     "not a png": (["--out", "{out}/fox.jpg"], "only PNG"),
     "skip past the schedule": (["--warm-start-skip", "5"], "warm_start_skip=5 must be below steps=3"),
@@ -235,21 +237,64 @@ def test_mismatched_lora_is_refused_before_the_model_loads(tmp_path, capsys, mon
 
     monkeypatch.setattr(two_stage.UltraGenPipeline, "from_pretrained", no_loading)
     lora = _lora_file(tmp_path, rho=2)
-    assert generate("--prompt", "a fox", "--width", "512", "--height", "512", "--lora", str(lora),
+    assert generate("--prompt", "a fox", "--width", "512", "--height", "512", "--lora", str(lora), "--rho", "4",
                     "--out", str(tmp_path / "fox.png")) == 2
     assert "rho: LoRA 2, run 4" in capsys.readouterr().err
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
-    assert main(["generate", "--model", "black-forest-labs/FLUX.1-dev", "--prompt", "a fox", "--width", "3840",
-                 "--height", "2160", "--out", str(tmp_path / "fox.png"), "--device", "cpu", "--dry-run",
+def _no_loading(monkeypatch):
+    from ultragen.pipeline import two_stage
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(two_stage.UltraGenPipeline, "from_pretrained", no_loading)
+
+
+def test_dry_run_prints_the_resolved_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+    model = tmp_path / "model"
+    tiny_flux_pipeline().save_pretrained(model)  # a diffusers folder like a FLUX.1-dev snapshot
+    _no_loading(monkeypatch)
+    assert main(["generate", "--model", str(model), "--prompt", "a fox", "--width", "3840", "--height", "2160",
+                 "--out", str(tmp_path / "out" / "fox.png"), "--device", "cpu", "--dry-run",
                  "--guide-offset-tokens", "0"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["config"]["steps"] is None  # the model's default, resolved once it is loaded
+    # the model's defaults, filled in from its config files (guidance embedding: FLUX.1-dev's; T5 of 128 tokens)
+    assert {k: plan["config"][k] for k in ("steps", "guide_steps", "warm_start_skip", "guidance_scale",
+                                           "guide_guidance_scale", "text_tokens", "shift")} == {
+        "steps": 28, "guide_steps": 28, "warm_start_skip": 10, "guidance_scale": 4.5, "guide_guidance_scale": 3.5,
+        "text_tokens": 128, "shift": 3.0}
     assert plan["config"]["guide_offset_tokens"] == 0
     assert plan["canvas_px"] == [[3840, 2304]] and plan["guide_size_px"] == [960, 576]
-    assert plan["prompts"][0]["files"][0] == str(tmp_path / "fox.png")
-    assert [p for p in tmp_path.iterdir() if p.name != "hf-home"] == []
+    assert plan["prompts"][0]["files"][0] == str(tmp_path / "out" / "fox.png")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["model not on the machine", "folder without weights", "mismatched LoRA"])
+def test_dry_run_fails_where_the_real_run_would(tmp_path, capsys, monkeypatch, case):
+    args = ["--prompt", "a fox", "--width", "512", "--height", "512", "--out", str(tmp_path / "fox.png")]
+    if case == "model not on the machine":
+        args += ["--model", "black-forest-labs/FLUX.1-dev"]
+        words = "hf download"
+    elif case == "folder without weights":
+        from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+        tiny_flux_pipeline().save_pretrained(tmp_path / "model")
+        for weights in (tmp_path / "model" / "transformer").glob("*.safetensors"):
+            weights.unlink()
+        args += ["--model", str(tmp_path / "model")]
+        words = "no transformer weights"
+    else:
+        args += ["--lora", str(_lora_file(tmp_path, rho=2)), "--rho", "4"]
+        words = "rho: LoRA 2, run 4"
+    _no_loading(monkeypatch)
+    for dry in ([], ["--dry-run"]):  # the dry run refuses exactly what the real run refuses
+        capsys.readouterr()
+        assert generate(*args, *dry) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_existing_output_is_kept_without_force(tmp_path, capsys):

@@ -1,14 +1,19 @@
-"""The ``ultragen`` command: parse, build the config, call the library. Bad input exits 2 with one line."""
+"""The ``ultragen`` command: parse, build the config, call the library. Bad input exits 2 with one line.
+
+Each subcommand is registered by an ``add_parser(commands)`` function (this module's, or a subcommand module's such
+as :func:`ultragen.train.commands.add_parser`) that calls ``commands.add_parser(name, help=...,
+add_arguments=fn)``: ``fn(parser)`` adds the options when that subcommand is used or its help is shown, and the
+handler imports what it needs. So ``ultragen --help`` imports neither torch nor diffusers, and ``ultragen plan``
+imports torch but not diffusers or peft.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-
-from ultragen.layout import GUIDE_OFFSET_HELP, InWindowOrder, make_layout
-from ultragen.policy import POLICY_HELP, build_plan
-from ultragen.summary import format_summary, plan_summary
+from collections.abc import Callable
 
 
 def whole_number(text: str) -> int:
@@ -18,34 +23,86 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose options are added on first use, and whose errors are one line, not the usage."""
+
+    def __init__(self, *args, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def populate(self) -> None:
+        """Add the options now (once): before parsing, and before printing help or usage."""
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+            self.set_defaults(command_prog=self.prog)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.populate()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.populate()
+        return super().format_usage()
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:  # named by the subcommand they were given to, not by the top level
+            prog = getattr(args, "command_prog", self.prog)
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)}; see `{prog} --help`\n")
+        return args
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ultragen", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    plan = commands.add_parser("plan", help="dry run: grids, sequence, sparsity, FLOPs and memory of a size")
+    """The whole command line; cheap (no options are added until a subcommand is used)."""
+    from ultragen.eval.commands import add_eval_parser
+    from ultragen.train.commands import add_parser as add_train_parser
+    from ultragen.web.commands import add_serve_parser
+
+    parser = CommandParser(prog="ultragen", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in (_add_plan_parser, _add_bench_parser, _add_generate_parser, _add_decode_parser,
+                       _add_testbed_parser, add_train_parser, add_eval_parser, add_serve_parser):
+        add_parser(commands)
+    return parser
+
+
+def _add_plan_parser(commands) -> None:
+    commands.add_parser("plan", help="dry run: grids, sequence, sparsity, FLOPs and memory of a size",
+                        add_arguments=_plan_arguments)
+
+
+def _plan_arguments(plan: argparse.ArgumentParser) -> None:
+    from ultragen.layout import InWindowOrder
+    from ultragen.policy import POLICY_HELP
+
     plan.add_argument("--width", type=whole_number, required=True, help="image width in pixels (multiple of 16)")
     plan.add_argument("--height", type=whole_number, required=True, help="image height in pixels (multiple of 16)")
     plan.add_argument("--rho", type=whole_number, default=4, help="guide downscale per axis (default 4)")
     plan.add_argument("--window", type=whole_number, default=16, help="window side in tokens (default 16)")
+    plan.add_argument("--block-tokens", type=whole_number, default=128, help="attention block size (default 128)")
     plan.add_argument("--text-len", type=whole_number, default=512, help="prompt tokens (FLUX.1-dev: 512)")
     plan.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
     plan.add_argument("--order", choices=[o.name.lower() for o in InWindowOrder], default="raster",
                       help="token order inside a window")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(run=run_plan)
-    _add_bench_parser(commands)
-    _add_generate_parser(commands)
-    _add_decode_parser(commands)
-    _add_testbed_parser(commands)
-    from ultragen.train.commands import add_train_parser
-
-    add_train_parser(commands)
-    return parser
 
 
 def _add_bench_parser(commands) -> None:
+    commands.add_parser("bench", help="benchmarks on the GPU (not tests)", add_arguments=_bench_arguments)
+
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     from ultragen.bench.attention import SIZES
 
-    bench = commands.add_parser("bench", help="benchmarks on the GPU (not tests)")
     which = bench.add_subparsers(dest="bench", required=True)
     attention = which.add_parser("attention", help="dense cuDNN/FA2 SDPA vs the block-sparse backends, FLUX shapes")
     attention.add_argument("--sizes", nargs="+", default=list(SIZES), metavar="WxH",
@@ -115,8 +172,12 @@ def run_bench_image(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from ultragen.layout import make_layout
+    from ultragen.policy import build_plan
+    from ultragen.summary import format_summary, plan_summary
+
     layout = make_layout(args.height, args.width, window_tokens=args.window, rho=args.rho,
-                         text_tokens=args.text_len, in_window_order=args.order)
+                         block_tokens=args.block_tokens, text_tokens=args.text_len, in_window_order=args.order)
     summary = plan_summary(build_plan(layout, args.policy))
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
@@ -138,7 +199,14 @@ def run_bench_attention(args: argparse.Namespace) -> int:
 
 
 def _add_generate_parser(commands) -> None:
-    gen = commands.add_parser("generate", help="prompt -> high-resolution PNG (guide, hierarchical pass, tiled decode)")
+    commands.add_parser("generate", help="prompt -> high-resolution PNG (guide, hierarchical pass, tiled decode)",
+                        add_arguments=_generate_arguments)
+
+
+def _generate_arguments(gen: argparse.ArgumentParser) -> None:
+    from ultragen.layout import GUIDE_OFFSET_HELP
+    from ultragen.policy import POLICY_HELP
+
     gen.add_argument("--model", required=True, help="Hugging Face id, local diffusers folder, or tiny-random")
     gen.add_argument("--prompt", help="what to draw")
     gen.add_argument("--prompts-file", help="text file, one prompt per line ('#' comments); seeds count up")
@@ -150,18 +218,23 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--warm-start-skip", type=whole_number, help="k, hires steps skipped (dev: 10, schnell: 1)")
     gen.add_argument("--guidance", type=float, help="hires guidance embedding (dev: 4.5)")
     gen.add_argument("--guide-guidance", type=float, help="stage-A guidance embedding (dev: 3.5)")
-    gen.add_argument("--rho", type=whole_number, default=4, help="guide downscale per side (default 4)")
-    gen.add_argument("--window", type=whole_number, default=16, help="window side in tokens (default 16)")
-    gen.add_argument("--policy", default="default", help=POLICY_HELP + " (default: default)")
+    gen.add_argument("--rho", type=whole_number, help="guide downscale per side (default: the LoRA's, else 4)")
+    gen.add_argument("--window", type=whole_number, help="window side in tokens (default: the LoRA's, else 16)")
+    gen.add_argument("--block-tokens", type=whole_number,
+                     help="attention block size in tokens (default: the LoRA's, else 128)")
+    gen.add_argument("--policy", help=POLICY_HELP + " (default: the LoRA's, else default)")
     gen.add_argument("--backend", default="auto", help="attention backend (default auto)")
     gen.add_argument("--shift", type=float, help="static shift of the hires schedule (default: the model's)")
     gen.add_argument("--sharpen", type=float, default=0.5, help="warm-start unsharp-mask strength (default 0.5)")
-    gen.add_argument("--ntk", type=float, default=1.0, help="RoPE NTK factor of the hires pass (default 1)")
-    gen.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP)
+    gen.add_argument("--ntk", type=float, help="RoPE NTK factor of the hires pass (default: the LoRA's, else 1)")
+    gen.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP + " (default: the LoRA's)")
     gen.add_argument("--cascade", type=whole_number, nargs="?", const=2, default=1, metavar="LEVELS",
                      help="chain LEVELS hierarchical passes, each output the next guide (flag alone: 2)")
-    gen.add_argument("--lora", help="guide LoRA .safetensors written by ultragen train")
-    gen.add_argument("--lora-force", action="store_true", help="use the LoRA even if its settings differ")
+    gen.add_argument("--lora", help="guide LoRA .safetensors written by ultragen train; the settings it was trained "
+                                    "under (--rho, --window, --block-tokens, --policy, --ntk, --guide-offset-tokens) "
+                                    "are the defaults")
+    gen.add_argument("--lora-force", action="store_true",
+                     help="use the LoRA even if settings given here differ from its own (says which)")
     gen.add_argument("--vae-tile", type=whole_number, help="VAE decode tile in pixels (default: the VAE's)")
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
     gen.add_argument("--no-guide-cache", action="store_true",
@@ -181,30 +254,51 @@ def _add_generate_parser(commands) -> None:
     gen.set_defaults(run=run_generate)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from ultragen.pipeline.config import GenerationConfig
-    from ultragen.pipeline.job import describe, generate_files, prepare_generation
+# generate's options that a guide LoRA fixes: option dest -> GenerationConfig field
+LORA_OPTIONS = {"rho": "rho", "window": "window_tokens", "block_tokens": "block_tokens", "policy": "policy",
+                "ntk": "ntk_factor", "guide_offset_tokens": "guide_offset_tokens"}
 
+
+def run_generate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from ultragen.pipeline.config import GenerationConfig
+    from ultragen.pipeline.job import describe, generate_files, lora_settings, prepare_generation
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    given = {field: getattr(args, dest) for dest, field in LORA_OPTIONS.items() if getattr(args, dest) is not None}
+    if args.lora is not None and Path(args.lora).is_file():  # a missing file is refused by GenerationConfig
+        from_lora = {k: v for k, v in lora_settings(args.lora).items() if k not in given}
+        defaults = {f.name: f.default for f in fields(GenerationConfig)}
+        if changed := {k: v for k, v in from_lora.items() if v != defaults[k]}:
+            log(f"settings from the LoRA: {', '.join(f'{k}={v}' for k, v in changed.items())}")
+        given = from_lora | given
     config = GenerationConfig(
         height_px=args.height, width_px=args.width, model=args.model, seed=args.seed, steps=args.steps,
         guide_steps=args.guide_steps, warm_start_skip=args.warm_start_skip, guidance_scale=args.guidance,
-        guide_guidance_scale=args.guide_guidance, rho=args.rho, window_tokens=args.window, policy=args.policy,
-        backend=args.backend, shift=args.shift, sharpen_strength=args.sharpen, ntk_factor=args.ntk,
-        guide_offset_tokens=args.guide_offset_tokens, cascade_levels=args.cascade, lora_path=args.lora,
-        vae_tile_px=args.vae_tile, offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile,
-        fp8=args.fp8, ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache,
+        guide_guidance_scale=args.guide_guidance, backend=args.backend, shift=args.shift,
+        sharpen_strength=args.sharpen, cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
+        offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
+        ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache, **given,
     )
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
-                             dtype=args.dtype, lora_allow_mismatch=args.lora_force)
+                             dtype=args.dtype, lora_allow_mismatch=args.lora_force, log=log)
     if args.dry_run:
         print(json.dumps(describe(job), indent=2))
         return 0
-    generate_files(job, progress=not args.quiet, log=lambda line: print(line, file=sys.stderr))
+    generate_files(job, progress=not args.quiet, log=log)
     return 0
 
 
 def _add_decode_parser(commands) -> None:
-    dec = commands.add_parser("decode", help="decode a latent saved by generate (e.g. after running out of memory)")
+    commands.add_parser("decode", help="decode a latent saved by generate (e.g. after running out of memory)",
+                        add_arguments=_decode_arguments)
+
+
+def _decode_arguments(dec: argparse.ArgumentParser) -> None:
     dec.add_argument("latent_file", help="NAME.latent.safetensors written by ultragen generate")
     dec.add_argument("--tile-size", type=whole_number, help="VAE tile in pixels (smaller: less memory), e.g. 512")
     dec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -230,7 +324,14 @@ TESTBED_STRATEGIES = ("dense", "windows", "windows+guide", "windows+guide+lora")
 
 
 def _add_testbed_parser(commands) -> None:
-    tb = commands.add_parser("testbed", help="the quality testbed: a small FLUX model trained on procedural scenes")
+    commands.add_parser("testbed", help="the quality testbed: a small FLUX model trained on procedural scenes",
+                        add_arguments=_testbed_arguments)
+
+
+def _testbed_arguments(tb: argparse.ArgumentParser) -> None:
+    from ultragen.layout import GUIDE_OFFSET_HELP
+    from ultragen.policy import POLICY_HELP
+
     which = tb.add_subparsers(dest="testbed", required=True)
     data = which.add_parser("data", help="write procedural scenes: PNGs, NAME.txt captions, scenes.jsonl")
     data.add_argument("--out", required=True, help="folder to write")
@@ -328,13 +429,47 @@ def run_testbed_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# notices of libraries that a user can neither act on nor silence: (logger, text the record contains)
+QUIET_NOTICES = (
+    # transformers, when diffusers' FluxPipeline module imports CLIP/Siglip image processors (used only for
+    # IP-adapters, never by ultragen) without torchvision installed: the PIL fallback it announces is fine
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+)
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    """Drop the :data:`QUIET_NOTICES` (once per process; the command's own warnings stay)."""
+    for name, text in QUIET_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropNotice(text))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a malformed command line (2, one line from CommandParser.error)
+        return done.code
+    quiet_library_notices()
+    prog = getattr(args, "command_prog", f"ultragen {args.command}")
     try:
         return args.run(args)
     except ValueError as error:
-        print(f"ultragen {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written under temporary names and renamed: none is left half-written
+        print(f"\n{prog}: interrupted; no file was left half-written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

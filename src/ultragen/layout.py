@@ -61,7 +61,7 @@ def _check_side(name: str, value_px: int) -> None:
     if value_px > MAX_SIDE_PX:
         raise ValueError(
             f"{name}={value_px} px is above the limit of {MAX_SIDE_PX} px a side; "
-            f"generate in a cascade of smaller stages or check the value"
+            f"use at most {MAX_SIDE_PX}"
         )
     if value_px % PATCH_PX:
         lo, hi = value_px // PATCH_PX * PATCH_PX, _round_up(value_px, PATCH_PX)
@@ -403,10 +403,10 @@ def _padding_refused(h, w, grid, padded, window, rho, tile, image) -> str:
     if padded != grid:
         return (
             f"{w}x{h} px ({grid[1]}x{grid[0]} tokens) does not divide into whole {window}-token windows and padding "
-            f"is off; use {padded[1] * PATCH_PX}x{padded[0] * PATCH_PX} px or allow padding"
+            f"is off; use {padded[1] * PATCH_PX}x{padded[0] * PATCH_PX} px"
         )
     return (
         f"the {image[1]}x{image[0]}-token guide of {w}x{h} px (rho {rho}) does not divide into whole {tile[1]}x{tile[0]} "
         f"guide tiles and padding is off; use a size whose guide tiles exactly (e.g. sides that are multiples of "
-        f"{rho * tile[1] * PATCH_PX} x {rho * tile[0] * PATCH_PX} px) or allow padding"
+        f"{rho * tile[1] * PATCH_PX} x {rho * tile[0] * PATCH_PX} px)"
     )

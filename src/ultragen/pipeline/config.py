@@ -6,12 +6,12 @@ filled by :meth:`GenerationConfig.resolved`; the resolved config is what the out
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 
 from ultragen.attention import parse_backend
+from ultragen.checks import check_float, check_int
 from ultragen.layout import HierLayout, make_layout
 from ultragen.policy import get_policy
 
@@ -51,6 +51,14 @@ FAMILY_DEFAULTS: dict[ModelFamily, ModelDefaults] = {
     ModelFamily.FLUX1_SCHNELL: ModelDefaults(ModelFamily.FLUX1_SCHNELL, 4, 4, 1, None, None, 256),
 }
 
+def model_defaults(guidance_embeds: bool, max_text_tokens: int | None) -> ModelDefaults:
+    """The defaults of a FLUX.1 model from its transformer's ``guidance_embeds`` and its T5 tokenizer's
+    ``model_max_length`` (text tokens: whole 128-token blocks, at most what the tokenizer allows)."""
+    base = FAMILY_DEFAULTS[ModelFamily.FLUX1_DEV if guidance_embeds else ModelFamily.FLUX1_SCHNELL]
+    limit = base.text_tokens if max_text_tokens is None else min(base.text_tokens, max_text_tokens)
+    return replace(base, text_tokens=max(128, limit // 128 * 128))
+
+
 _DEFAULTED = ("steps", "guide_steps", "warm_start_skip", "guidance_scale", "guide_guidance_scale", "text_tokens")
 
 
@@ -75,6 +83,7 @@ class GenerationConfig:
     guide_guidance_scale: float | None = None
     rho: int = 4
     window_tokens: int = 16
+    block_tokens: int = 128  # attention block (and guide tile) size in tokens
     policy: str = "default"
     backend: str = "auto"
     shift: float | None = None  # static shift of the hires schedule; None: the model scheduler's ``shift``
@@ -109,11 +118,13 @@ class GenerationConfig:
         """
         text = self.text_tokens if self.text_tokens is not None else MAX_TEXT_TOKENS
         chain = [make_layout(self.height_px, self.width_px, rho=self.rho, window_tokens=self.window_tokens,
-                             text_tokens=text, guide_offset_tokens=self.guide_offset_tokens)]
+                             block_tokens=self.block_tokens, text_tokens=text,
+                             guide_offset_tokens=self.guide_offset_tokens)]
         for _ in range(self.cascade_levels - 1):
             outer = chain[0]
             chain.insert(0, make_layout(outer.guide_height_px, outer.guide_width_px, rho=self.rho,
-                                        window_tokens=self.window_tokens, text_tokens=text,
+                                        window_tokens=self.window_tokens, block_tokens=self.block_tokens,
+                                        text_tokens=text,
                                         guide_offset_tokens=self.guide_offset_tokens))
         return chain
 
@@ -162,26 +173,13 @@ class GenerationConfig:
         return cls(**record)
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be a whole number {rule}")
-
-
-def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}={value!r} must be a number in {bracket}{low}, {high}]")
-
-
 def _validate(c: GenerationConfig) -> None:
-    _check_int("seed", c.seed, 0, 2**63 - 1)
+    check_int("seed", c.seed, 0, 2**63 - 1)
     for name in ("steps", "guide_steps"):
         if getattr(c, name) is not None:
-            _check_int(name, getattr(c, name), 1, 1000)
+            check_int(name, getattr(c, name), 1, 1000)
     if c.warm_start_skip is not None:
-        _check_int("warm_start_skip", c.warm_start_skip, 0, 999)
+        check_int("warm_start_skip", c.warm_start_skip, 0, 999)
         if c.steps is not None and c.warm_start_skip >= c.steps:
             raise ValueError(
                 f"warm_start_skip={c.warm_start_skip} must be below steps={c.steps}: the hires pass runs steps "
@@ -189,22 +187,23 @@ def _validate(c: GenerationConfig) -> None:
             )
     for name in ("guidance_scale", "guide_guidance_scale"):
         if getattr(c, name) is not None:
-            _check_float(name, getattr(c, name), 0.0, 100.0)
+            check_float(name, getattr(c, name), 0.0, 100.0)
     if not isinstance(c.rho, int) or isinstance(c.rho, bool) or c.rho < 2:
         raise ValueError(f"rho={c.rho!r} must be a whole number >= 2 (the guide is rho times smaller per side)")
-    _check_int("window_tokens", c.window_tokens, 1)
-    _check_int("cascade_levels", c.cascade_levels, 1, MAX_CASCADE_LEVELS)
+    check_int("window_tokens", c.window_tokens, 1)
+    check_int("block_tokens", c.block_tokens, 1)
+    check_int("cascade_levels", c.cascade_levels, 1, MAX_CASCADE_LEVELS)
     get_policy(c.policy)  # a preset or a readable policy file; raises with the fix
     parse_backend(c.backend)
     if c.shift is not None:
-        _check_float("shift", c.shift, 0.0, 100.0, low_open=True)
-    _check_float("sharpen_strength", c.sharpen_strength, 0.0, 10.0)
-    _check_float("sharpen_sigma_latent_px", c.sharpen_sigma_latent_px, 0.0, 16.0, low_open=True)
-    _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
+        check_float("shift", c.shift, 0.0, 100.0, low_open=True)
+    check_float("sharpen_strength", c.sharpen_strength, 0.0, 10.0)
+    check_float("sharpen_sigma_latent_px", c.sharpen_sigma_latent_px, 0.0, 16.0, low_open=True)
+    check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
     if c.text_tokens is not None:
-        _check_int("text_tokens", c.text_tokens, 1, MAX_TEXT_TOKENS)
+        check_int("text_tokens", c.text_tokens, 1, MAX_TEXT_TOKENS)
     if c.ff_chunk_tokens is not None:
-        _check_int("ff_chunk_tokens", c.ff_chunk_tokens, 1)
+        check_int("ff_chunk_tokens", c.ff_chunk_tokens, 1)
     if c.vae_tile_px is not None and (not isinstance(c.vae_tile_px, int) or c.vae_tile_px < 128
                                       or c.vae_tile_px % 64):
         raise ValueError(f"vae_tile_px={c.vae_tile_px!r} must be a multiple of 64 px, at least 128 (e.g. 512)")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ultragen import __version__
-from ultragen.pipeline.config import GenerationConfig
+from ultragen.pipeline.config import GenerationConfig, model_defaults
+from ultragen.pipeline.loading import ModelInfo, inspect_model
 from ultragen.pipeline.outputs import (
     OutputPaths,
     check_writable,
@@ -85,8 +86,11 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 
 def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_file: str | None, out: str | None,
                        force: bool = False, device: str = "auto", dtype: str = "auto",
-                       lora_allow_mismatch: bool = False) -> GenerationJob:
-    """Check the whole run before any model is loaded; raises ValueError with the value, the rule and the fix."""
+                       lora_allow_mismatch: bool = False, log=print) -> GenerationJob:
+    """Check the whole run before any weights are loaded, as far as the real run would check it (the model's files,
+    the LoRA, the attention backend on this device); raises ValueError with the value, the rule and the fix.
+
+    The returned job's config is resolved: the model's defaults (read from its config files) are filled in."""
     if not config.model:
         raise ValueError("no model given; pass --model with a Hugging Face id, a local folder, or tiny-random")
     prompts = read_prompts(prompt, prompts_file)
@@ -94,27 +98,106 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
     if seeds[-1] > 2**63 - 1:
         raise ValueError(f"seed={config.seed} + {len(prompts) - 1} prompts passes the largest seed 2**63-1")
     outputs = plan_outputs(out, prompts, seeds, force)
-    if config.lora_path is not None and not lora_allow_mismatch:
-        _check_lora(config)
     device, dtype = resolve_device(device, dtype)
     if config.fp8 and device == "cpu":
         raise ValueError("--fp8 needs a CUDA GPU (compute capability 8.9+); leave it out on the CPU")
+    info = inspect_model(config.model)
+    if config.shift is None:
+        config = replace(config, shift=info.shift)
+    config = config.resolved(model_defaults(info.guidance_embeds, info.max_text_tokens))
+    if config.lora_path is not None:
+        _check_lora(config, lora_allow_mismatch, log)
+    _check_backend(config, device, dtype, info)
     return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch)
 
 
-def _check_lora(config: GenerationConfig) -> None:
-    """Refuse a LoRA trained under other settings before the model is loaded (the load checks again)."""
+def lora_settings(path: str) -> dict:
+    """The GenerationConfig fields a guide LoRA was trained under (rho, window, block, policy, guide offset, NTK),
+    read from its metadata; the policy by its preset name when it is one (else left out: pass it as a file)."""
+    from ultragen.flux.lora import read_lora_metadata
+    from ultragen.policy import get_policy
+
+    meta = read_lora_metadata(path)
+    settings = {"rho": meta.rho, "window_tokens": meta.window_tokens, "ntk_factor": meta.ntk_factor}
+    if isinstance(meta.extra.get("block_tokens"), int):
+        settings["block_tokens"] = meta.extra["block_tokens"]
+    if meta.guide_offset_tokens != (meta.rho - 1) / 2:  # the centre is the default (None)
+        settings["guide_offset_tokens"] = meta.guide_offset_tokens
+    name = meta.policy.get("name")
+    try:
+        if name and get_policy(name).to_dict() == meta.policy:
+            settings["policy"] = name
+    except ValueError:  # a policy from a file: not a preset
+        pass
+    return settings
+
+
+def _lora_mismatches(config: GenerationConfig) -> list[str]:
     from ultragen.flux.lora import read_lora_metadata
 
-    if diff := read_lora_metadata(config.lora_path).mismatches(config.lora_expectation()):
+    meta = read_lora_metadata(config.lora_path)
+    diff = meta.mismatches(config.lora_expectation())
+    block = meta.extra.get("block_tokens")
+    if isinstance(block, int) and block != config.block_tokens:
+        diff.append(f"block_tokens: LoRA {block}, run {config.block_tokens}")
+    return diff
+
+
+def _check_lora(config: GenerationConfig, allow_mismatch: bool, log) -> None:
+    """Refuse a LoRA trained under other settings before the model is loaded (the load checks again); with
+    ``allow_mismatch`` (--lora-force), say what is overridden."""
+    diff = _lora_mismatches(config)
+    if diff and not allow_mismatch:
         raise ValueError(
-            f"LoRA {config.lora_path!r} was trained under other settings ({'; '.join(diff)}); run with the LoRA's "
-            f"settings, or pass --lora-force if you know it is safe"
+            f"LoRA {config.lora_path!r} was trained under other settings ({'; '.join(diff)}); leave those options "
+            f"out (generate then takes them from the LoRA) or pass the LoRA's values, or --lora-force if you know "
+            f"it is safe"
         )
+    if allow_mismatch:
+        log(f"--lora-force: using {config.lora_path} although it was trained under other settings: {'; '.join(diff)}"
+            if diff else f"--lora-force: {config.lora_path} matches this run's settings; nothing overridden")
+
+
+def _check_backend(config: GenerationConfig, device: str, dtype: str, info: ModelInfo) -> None:
+    """Refuse an explicitly named attention backend that cannot run the hierarchical pass on this device, with the
+    reason (``ultragen.attention.why_not`` on stand-in tensors of the pass's shape; nothing is computed)."""
+    from ultragen.attention import Backend, parse_backend, why_not
+    from ultragen.layout import make_layout
+    from ultragen.policy import build_plan
+
+    backend = parse_backend(config.backend)
+    if backend is Backend.AUTO:  # picks, per call, the fastest backend that can run (the reference always can)
+        return
+
+    def reason(dtype_name: str, layouts, heads: int, head_dim: int) -> str | None:
+        for layout in layouts:
+            q = torch.empty(1, 1, 1, head_dim, device=device, dtype=DTYPES[dtype_name])
+            q = q.expand(1, heads, layout.seq_tokens, head_dim)  # a view: no memory of that size
+            if why := why_not(backend, q, q, q, build_plan(layout, config.policy)):
+                return why
+        return None
+
+    # first the device: can the backend run a plain FLUX.1 problem here (1024 px, 128-dim heads) in any dtype?
+    plain = [make_layout(1024, 1024)]
+    on_device = [reason(name, plain, 1, 128) for name in DTYPES]
+    if all(on_device):  # say why in the words most dtypes gave (e.g. no CUDA device, rather than a dtype)
+        why = max(on_device, key=on_device.count)
+        gpu = ", or run on a CUDA GPU (--device cuda)" if device == "cpu" else ""
+        raise ValueError(f"--backend {backend.value} cannot run on {device}: {why}; use --backend auto (it picks a "
+                         f"backend that runs here){gpu}")
+    # then this run's problem: the model's heads, this layout, this dtype
+    if (why := reason(dtype, config.layouts(), info.heads, info.head_dim)) is None:
+        return
+    runs = [name for name in DTYPES if name != dtype
+            and reason(name, config.layouts(), info.heads, info.head_dim) is None]
+    fix = f"pass --dtype {runs[0]}, or --backend auto" if runs else "use --backend auto"
+    raise ValueError(f"--backend {backend.value} cannot run this model at this size on {device} in {dtype}: "
+                     f"{why}; {fix}")
 
 
 def describe(job: GenerationJob) -> dict:
-    """What ``job`` would do, without loading anything (``ultragen generate --dry-run``); None = model default."""
+    """What ``job`` would do, without loading any weights (``ultragen generate --dry-run``): the resolved settings
+    (None only where the model has no such setting, e.g. schnell's guidance), sizes, files, device."""
     layouts = job.config.layouts()
     return {
         "config": job.config.to_record(),

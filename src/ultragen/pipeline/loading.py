@@ -7,8 +7,10 @@ only then downloaded, as diffusers' ``from_pretrained`` does. A missing model ra
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,7 +91,75 @@ def load_vae(model: str, torch_dtype: torch.dtype = torch.float32):
     if model == TINY_RANDOM:
         from ultragen.pipeline.tiny import tiny_vae
 
-        return tiny_vae().to(torch_dtype)
+        return tiny_vae(torch_dtype)
     from diffusers import AutoencoderKL
 
     return _from_pretrained(AutoencoderKL, model, subfolder="vae", dtype=torch_dtype)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know of a model before loading it: read from its config files, no weights."""
+
+    heads: int  # the transformer's attention heads
+    head_dim: int
+    guidance_embeds: bool  # FLUX.1-dev: True (guidance-distilled); schnell: False
+    max_text_tokens: int | None  # the T5 tokenizer's model_max_length (None: not stated)
+    shift: float  # the scheduler's static shift
+
+
+def inspect_model(model: str) -> ModelInfo:
+    """The :class:`ModelInfo` of ``model`` from its config files only; fails (MissingWeightsError) where loading it
+    would: a folder without model_index.json or transformer weights, a hub id neither cached nor downloadable (with
+    HF_HUB_OFFLINE=1: not cached). Online, a hub id that is not cached gets its small config files downloaded."""
+    if model == TINY_RANDOM:
+        from ultragen.pipeline import tiny
+
+        return ModelInfo(tiny.TINY_HEADS, tiny.TINY_HEAD_DIM, True, tiny.TINY_TEXT_TOKENS, tiny.TINY_SHIFT)
+    root = _model_folder(model)
+    if not (root / "model_index.json").is_file():
+        raise MissingWeightsError(missing_weights_message(model, f"folder {root} has no model_index.json"))
+    transformer = _read_json(model, root / "transformer" / "config.json")
+    if not any((root / "transformer").glob("*.safetensors")) and not _weights_come_with_download(model, root):
+        raise MissingWeightsError(missing_weights_message(model, f"no transformer weights in {root / 'transformer'}"))
+    tokenizer = root / "tokenizer_2" / "tokenizer_config.json"
+    max_text = _read_json(model, tokenizer).get("model_max_length") if tokenizer.is_file() else None
+    scheduler = _read_json(model, root / "scheduler" / "scheduler_config.json")
+    return ModelInfo(int(transformer["num_attention_heads"]), int(transformer["attention_head_dim"]),
+                     bool(transformer.get("guidance_embeds", False)),
+                     int(max_text) if isinstance(max_text, (int, float)) and max_text < 10**6 else None,
+                     float(scheduler.get("shift", 1.0)))
+
+
+def _weights_come_with_download(model: str, root: Path) -> bool:
+    """A hub id fetched online for its configs only: the weights come with the real run's download."""
+    return not Path(model).expanduser().is_dir() and not hub_offline() and not _looks_like_path(model)
+
+
+def _model_folder(model: str) -> Path:
+    """The folder holding ``model``'s files: the folder itself, its cached snapshot, or (online) a fresh snapshot of
+    its config files."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_path(model):
+        raise MissingWeightsError(missing_weights_message(model, f"no folder {path}"))
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError, or a malformed id (HFValidationError)
+        if hub_offline():
+            raise MissingWeightsError(missing_weights_message(model, "not in the local cache")) from error
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.txt"]))
+    except Exception as error:  # network, authentication (gated model), unknown repository
+        reason = f"not in the local cache, and its config files could not be downloaded: {type(error).__name__}"
+        raise MissingWeightsError(missing_weights_message(model, reason)) from error
+
+
+def _read_json(model: str, path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MissingWeightsError(missing_weights_message(model, f"cannot read {path} ({error})")) from None

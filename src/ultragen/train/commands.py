@@ -1,6 +1,7 @@
 """The ``ultragen train`` and ``ultragen train prepare`` subcommands: flags -> config -> library call.
 
-Registered by ``ultragen.cli.build_parser``; bad input raises ValueError, which the CLI prints as one line (exit 2).
+Registered by ``ultragen.cli.build_parser`` through :func:`add_parser`; the options are added (and peft imported)
+only when ``ultragen train`` is used. Bad input raises ValueError, which the CLI prints as one line (exit 2).
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ import sys
 from pathlib import Path
 
 from ultragen.cli import whole_number
-from ultragen.flux.lora import LoraTargets
-from ultragen.layout import GUIDE_OFFSET_HELP
-from ultragen.policy import POLICY_HELP
-from ultragen.train.config import LrSchedule, Optimizer, PrepareConfig, TrainConfig
-from ultragen.train.rundir import read_run_config
 
 
-def add_train_parser(commands) -> None:
-    train = commands.add_parser(
+def add_parser(commands) -> None:
+    commands.add_parser(
         "train", help="train the guide LoRA (first: ultragen train prepare)",
         description="ultragen train --model ID --cache CACHE --out RUN_DIR [options]; build CACHE first with "
-                    "ultragen train prepare. Several GPUs: accelerate launch -m ultragen.cli train ...")
+                    "ultragen train prepare. Several GPUs: accelerate launch -m ultragen.cli train ...",
+        add_arguments=_train_arguments)
+
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    from ultragen.flux.lora import LoraTargets
+    from ultragen.layout import GUIDE_OFFSET_HELP
+    from ultragen.policy import POLICY_HELP
+    from ultragen.train.config import LrSchedule, Optimizer
+
     train.add_argument("--model", help="Hugging Face id, local diffusers folder, or tiny-random (as in prepare)")
     train.add_argument("--cache", help="folder written by ultragen train prepare")
     train.add_argument("--out", help="run folder: checkpoints, loss.jsonl, guide_lora.safetensors")
@@ -58,7 +63,11 @@ def add_train_parser(commands) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=run_train)
     actions = train.add_subparsers(dest="train_action", required=False, metavar="prepare")
-    prep = actions.add_parser("prepare", help="images + captions -> latent and text-embedding cache")
+    actions.add_parser("prepare", help="images + captions -> latent and text-embedding cache",
+                       add_arguments=_prepare_arguments)
+
+
+def _prepare_arguments(prep: argparse.ArgumentParser) -> None:
     prep.add_argument("--model", required=True, help="Hugging Face id, local diffusers folder, or tiny-random")
     prep.add_argument("--images", help="folder of images (recursive) with NAME.txt captions")
     prep.add_argument("--captions", help="JSONL captions instead of sidecars: {\"file\": ..., \"caption\": ...}")
@@ -80,6 +89,7 @@ def add_train_parser(commands) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from ultragen.train.config import PrepareConfig
     from ultragen.train.prepare import prepare_cache
 
     config = PrepareConfig(
@@ -93,22 +103,28 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(args: argparse.Namespace) -> LoraTargets:
+def _targets(args: argparse.Namespace):
     """--targets, else the resumed run's own (runs started before wide became the default are q/k/v), else wide."""
+    from ultragen.flux.lora import LoraTargets
+    from ultragen.train.rundir import read_run_config
+
     if args.targets is not None:
         return LoraTargets(args.targets)
     saved = read_run_config(Path(args.out)) if args.resume and args.out else None
     return saved.targets if saved is not None else LoraTargets.WIDE
 
 
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+def train_config_from_args(args: argparse.Namespace):
+    from ultragen.train.config import TrainConfig
+
     return TrainConfig(
         model=args.model, cache_dir=args.cache, out_dir=args.out, steps=args.steps, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, rank=args.rank,
         alpha=args.alpha, targets=_targets(args), optimizer=args.optimizer, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         max_grad_norm=args.max_grad_norm, caption_dropout=args.caption_dropout, policy=args.policy,
-        ntk_factor=args.ntk_factor, guide_offset_tokens=args.guide_offset_tokens, window_tokens=args.window, block_tokens=args.block_tokens, size_px=args.size,
+        ntk_factor=args.ntk_factor, guide_offset_tokens=args.guide_offset_tokens, window_tokens=args.window,
+        block_tokens=args.block_tokens, size_px=args.size,
         rho=args.rho, val_items=args.val_items, save_every=args.save_every, validate_every=args.validate_every,
         validate_prompts=args.validate_prompts, seed=args.seed, resume=args.resume,
     )
@@ -118,6 +134,5 @@ def run_train(args: argparse.Namespace) -> int:
     from ultragen.train.loop import train
 
     config = train_config_from_args(args)
-    result = train(config, progress=not args.quiet, log_line=lambda line: print(line, file=sys.stderr))
-    print(result.lora_path)
+    train(config, progress=not args.quiet, log_line=lambda line: print(line, file=sys.stderr))  # ends "wrote LORA"
     return 0

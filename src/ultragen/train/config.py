@@ -6,14 +6,15 @@ in ``_tokens``. Fields left ``None`` are taken from the model or the cache when 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ultragen.flux.lora import LoraTargets
-from ultragen.layout import make_layout
-from ultragen.policy import get_policy
+from ultragen.checks import check_float, check_int
+
+if TYPE_CHECKING:  # imported where used: building the command line must not import torch or peft
+    from ultragen.flux.lora import LoraTargets
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context
@@ -29,22 +30,32 @@ class LrSchedule(str, Enum):
     COSINE = "cosine"  # cosine decay to 0 at ``steps``
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be a whole number {rule}")
-
-
-def _check_float(name: str, value, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value == low):
-        raise ValueError(f"{name}={value!r} must be a number in {'(' if low_open else '['}{low}, {high}]")
-
-
 def check_geometry(size_px: int, rho: int, window_tokens: int, block_tokens: int, text_tokens: int) -> None:
-    """The training image must be exactly the canvas: whole windows and whole guide tiles, no padding."""
+    """The training image must be exactly the canvas: whole windows and whole guide tiles, no padding. Refuses
+    with the nearest training sizes that are."""
+    from ultragen.layout import PATCH_PX, make_layout
+
+    def exact(size: int) -> bool:
+        try:
+            make_layout(size, size, window_tokens=window_tokens, rho=rho, text_tokens=text_tokens,
+                        block_tokens=block_tokens, pad=False)
+        except ValueError:
+            return False
+        return True
+
+    # every rule but padding (multiple of 16 px, rho divides the window, window and block fit), with its own message
     make_layout(size_px, size_px, window_tokens=window_tokens, rho=rho, text_tokens=text_tokens,
-                block_tokens=block_tokens, pad=False)
+                block_tokens=block_tokens)
+    if exact(size_px):
+        return
+    below = next((s for s in range(size_px - PATCH_PX, 0, -PATCH_PX) if exact(s)), None)
+    above = next((s for s in range(size_px + PATCH_PX, 8 * size_px + 2**16, PATCH_PX) if exact(s)), None)
+    fixes = " or ".join(f"--size {s}" for s in (above, below) if s is not None)
+    raise ValueError(
+        f"size_px={size_px} does not divide into whole {window_tokens}x{window_tokens}-token windows with a guide "
+        f"(1/{rho} per side) of whole {block_tokens}-token guide tiles, and training images are never padded; "
+        f"use {fixes or 'another --size, --rho, --window or --block-tokens'}"
+    )
 
 
 @dataclass(frozen=True)
@@ -79,19 +90,19 @@ class PrepareConfig:
             raise ValueError("--model is required: a Hugging Face id, a local diffusers folder, or tiny-random")
         if not self.out_dir:
             raise ValueError("--out is required: the new folder that will hold the cache")
-        _check_int("size_px", self.size_px, 16)
-        _check_int("rho", self.rho, 2)
-        _check_int("window_tokens", self.window_tokens, 1)
-        _check_int("block_tokens", self.block_tokens, 1)
-        _check_int("shard_items", self.shard_items, 1, 100_000)
-        _check_int("batch_size", self.batch_size, 1, 1024)
-        _check_int("generate_count", self.generate_count, 0, 10_000_000)
-        _check_int("seed", self.seed, 0, 2**62)
-        _check_float("generate_guidance", self.generate_guidance, 0.0, 100.0)
+        check_int("size_px", self.size_px, 16)
+        check_int("rho", self.rho, 2)
+        check_int("window_tokens", self.window_tokens, 1)
+        check_int("block_tokens", self.block_tokens, 1)
+        check_int("shard_items", self.shard_items, 1, 100_000)
+        check_int("batch_size", self.batch_size, 1, 1024)
+        check_int("generate_count", self.generate_count, 0, 10_000_000)
+        check_int("seed", self.seed, 0, 2**62)
+        check_float("generate_guidance", self.generate_guidance, 0.0, 100.0)
         if self.generate_steps is not None:
-            _check_int("generate_steps", self.generate_steps, 1, 1000)
+            check_int("generate_steps", self.generate_steps, 1, 1000)
         if self.text_tokens is not None:
-            _check_int("text_tokens", self.text_tokens, 1, MAX_TEXT_TOKENS)
+            check_int("text_tokens", self.text_tokens, 1, MAX_TEXT_TOKENS)
         if self.generate_count:
             if not self.prompts_file:
                 raise ValueError(f"--generate {self.generate_count} needs --prompts FILE (one prompt per line)")
@@ -126,7 +137,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     rank: int = 16
     alpha: float = 16.0
-    targets: LoraTargets = LoraTargets.WIDE  # measured better than qkv on the testbed; free at inference
+    targets: LoraTargets = "wide"  # LoraTargets.WIDE after __post_init__; measured better than qkv on the testbed
     optimizer: Optimizer = Optimizer.ADAMW
     batch_size: int = 1
     grad_accum: int = 1
@@ -154,6 +165,9 @@ class TrainConfig:
     RESUMABLE = ("out_dir", "steps", "save_every", "validate_every", "validate_prompts", "resume")
 
     def __post_init__(self) -> None:
+        from ultragen.flux.lora import LoraTargets
+        from ultragen.policy import get_policy
+
         for name, kind in (("lr_schedule", LrSchedule), ("targets", LoraTargets), ("optimizer", Optimizer)):
             value = getattr(self, name)
             try:
@@ -194,38 +208,40 @@ class TrainConfig:
 
 
 def _validate(c: TrainConfig) -> None:
+    from ultragen.policy import get_policy
+
     for name in ("model", "cache_dir", "out_dir"):
         if not getattr(c, name):
             flag = {"model": "--model", "cache_dir": "--cache", "out_dir": "--out"}[name]
             raise ValueError(f"{flag} is required (ultragen train --model ID --cache CACHE --out RUN_DIR)")
-    _check_int("steps", c.steps, 1, 10_000_000)
+    check_int("steps", c.steps, 1, 10_000_000)
     if c.lr is not None:
-        _check_float("lr", c.lr, 0.0, 100.0, low_open=True)
-    _check_int("warmup_steps", c.warmup_steps, 0, 10_000_000)
-    _check_float("weight_decay", c.weight_decay, 0.0, 10.0)
-    _check_int("rank", c.rank, 1, 1024)
-    _check_float("alpha", c.alpha, 0.0, 1e6, low_open=True)
-    _check_int("batch_size", c.batch_size, 1, 1024)
-    _check_int("grad_accum", c.grad_accum, 1, 4096)
-    _check_float("max_grad_norm", c.max_grad_norm, 0.0, 1e6)
-    _check_float("caption_dropout", c.caption_dropout, 0.0, 1.0)
-    _check_float("logit_mean", c.logit_mean, -10.0, 10.0)
-    _check_float("logit_std", c.logit_std, 0.0, 10.0, low_open=True)
-    _check_float("guidance", c.guidance, 0.0, 100.0)
-    _check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
+        check_float("lr", c.lr, 0.0, 100.0, low_open=True)
+    check_int("warmup_steps", c.warmup_steps, 0, 10_000_000)
+    check_float("weight_decay", c.weight_decay, 0.0, 10.0)
+    check_int("rank", c.rank, 1, 1024)
+    check_float("alpha", c.alpha, 0.0, 1e6, low_open=True)
+    check_int("batch_size", c.batch_size, 1, 1024)
+    check_int("grad_accum", c.grad_accum, 1, 4096)
+    check_float("max_grad_norm", c.max_grad_norm, 0.0, 1e6)
+    check_float("caption_dropout", c.caption_dropout, 0.0, 1.0)
+    check_float("logit_mean", c.logit_mean, -10.0, 10.0)
+    check_float("logit_std", c.logit_std, 0.0, 10.0, low_open=True)
+    check_float("guidance", c.guidance, 0.0, 100.0)
+    check_float("ntk_factor", c.ntk_factor, 0.0, 1000.0, low_open=True)
     if c.guide_offset_tokens is not None:  # the upper bound, rho - 1, is checked against the cache's rho
-        _check_float("guide_offset_tokens", c.guide_offset_tokens, 0.0, 1000.0)
+        check_float("guide_offset_tokens", c.guide_offset_tokens, 0.0, 1000.0)
     get_policy(c.policy)  # a preset or a readable policy file; raises with the fix
     for name in ("window_tokens", "block_tokens", "size_px"):
         if getattr(c, name) is not None:
-            _check_int(name, getattr(c, name), 1)
+            check_int(name, getattr(c, name), 1)
     if c.rho is not None:
-        _check_int("rho", c.rho, 2)
+        check_int("rho", c.rho, 2)
     if c.val_items is not None:
-        _check_int("val_items", c.val_items, 0, 10_000)
-    _check_int("save_every", c.save_every, 1)
-    _check_int("validate_every", c.validate_every, 1)
-    _check_int("seed", c.seed, 0, 2**40)
+        check_int("val_items", c.val_items, 0, 10_000)
+    check_int("save_every", c.save_every, 1)
+    check_int("validate_every", c.validate_every, 1)
+    check_int("seed", c.seed, 0, 2**40)
     if c.validate_prompts is not None and not Path(c.validate_prompts).is_file():
         raise ValueError(f"--validate-prompts {c.validate_prompts!r} is not a file; pass a text file, one prompt "
                          f"a line")
