@@ -70,7 +70,7 @@ class HierFluxTransformer(nn.Module):
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
-                 cache_guide: bool = True, ff_chunk_tokens: int | None = None):
+                 cache_guide: bool = True, ff_chunk_tokens: int | None = None, parallel=None):
         super().__init__()
         if getattr(transformer.config, "patch_size", 1) != 1:
             raise ValueError(f"patch_size={transformer.config.patch_size} is not supported; FLUX.1 models use 1")
@@ -86,6 +86,8 @@ class HierFluxTransformer(nn.Module):
         self._compiled: dict | None = None
         self._rope: tuple[AttentionPlan, torch.device, float, Rope] | None = None
         self._guide_cache: _GuideCache | None = None
+        # ultragen.parallel.SequenceParallel: this process computes its windows of the hires pass, the others theirs
+        self.parallel = parallel
 
     # --- public ------------------------------------------------------------------------------------------------
     def forward(
@@ -107,11 +109,14 @@ class HierFluxTransformer(nn.Module):
         Returns (B, hires_tokens, C) in window-first order."""
         tr = self.transformer
         self._check_inputs(hires, encoder_hidden_states, plan, guide, guidance)
+        if self.parallel is not None:
+            hires = self.parallel.scatter_hires(hires, plan)
         x = linear(tr.x_embedder, hires, adapted=False)
         t = timestep.to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if guidance is not None else None
         temb = Temb(self._embed_time(t, g, pooled_projections), None)
         rope = self._rope_for(plan, x.device)
+        block_rope = rope if self.parallel is None else self.parallel.local_rope(rope, plan)
         text = tr.context_embedder(encoder_hidden_states)
         guide_kv: list[GuideKV | None] = [None] * (len(tr.transformer_blocks) + len(tr.single_transformer_blocks))
         streams = Streams(text, x, None)
@@ -122,7 +127,9 @@ class HierFluxTransformer(nn.Module):
             else:
                 streams.guide = linear(tr.x_embedder, guide, adapted=True)
 
-        if self._compiled is not None:
+        if self.parallel is not None:
+            attention = self.parallel.attention(plan, self.backend, compiled=self._compiled is not None)
+        elif self._compiled is not None:
             key, backend = plan_key(plan), self.backend.value
 
             def attention(q, k, v):  # an opaque custom op inside the compiled block
@@ -133,7 +140,7 @@ class HierFluxTransformer(nn.Module):
                 return attend(q, k, v, plan, self.backend, out=heads_last_output(q))
 
         for i, block in enumerate(tr.transformer_blocks):
-            streams = self._run(double_block, block, streams, temb, rope, attention, guide_kv[i])
+            streams = self._run(double_block, block, streams, temb, block_rope, attention, guide_kv[i])
         offset = len(tr.transformer_blocks)
         if self._compiled is not None and len(tr.single_transformer_blocks):
             # single blocks return views into their joint text + hires stream; hand the first one such views too,
@@ -142,9 +149,10 @@ class HierFluxTransformer(nn.Module):
             joint = torch.cat([streams.text, streams.hires], dim=1)
             streams = Streams(joint[:, :text_tokens], joint[:, text_tokens:], streams.guide)
         for i, block in enumerate(tr.single_transformer_blocks):
-            streams = self._run(single_block, block, streams, temb, rope, attention, guide_kv[offset + i])
+            streams = self._run(single_block, block, streams, temb, block_rope, attention, guide_kv[offset + i])
         out = tr.norm_out(streams.hires, temb.main)
-        return linear(tr.proj_out, out, adapted=False)
+        out = linear(tr.proj_out, out, adapted=False)
+        return out if self.parallel is None else self.parallel.gather_hires(out, plan)
 
     def clear_guide_cache(self) -> None:
         """Forget the cached guide keys/values and the rotary tables (call after each image to free their memory).
