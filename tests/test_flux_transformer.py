@@ -148,9 +148,28 @@ def test_ntk_factor_changes_the_output_and_one_is_stock():
     layout = tiny_layout(8, 8, window=8, rho=None)
     plan = build_plan(layout, "dense")
     inputs = tiny_inputs(layout)
-    stock = hier_forward(HierFluxTransformer(model, backend="reference"), plan, inputs)
+    one = hier_forward(HierFluxTransformer(model, backend="reference", ntk_factor=1.0), plan, inputs)
+    torch.testing.assert_close(one, stock_forward(model, layout, inputs), rtol=1e-5, atol=1e-5)  # stock diffusers
     ntk = hier_forward(HierFluxTransformer(model, backend="reference", ntk_factor=10), plan, inputs)
-    assert (stock - ntk).abs().max() > 1e-4
+    assert (one - ntk).abs().max() > 1e-4
+
+
+def test_e_switching_plans_with_the_cache_on_equals_uncached_for_each():
+    """Two guide-isolated plans whose guide attends differently (all of it, or its own tile only), used in turn by
+    one cached transformer: each result equals the uncached one (a cache keyed without the plan reuses stale keys
+    and values)."""
+    model = tiny_flux(layers=2, single_layers=2)
+    layout = tiny_layout(8, 16)
+    plans = [build_plan(layout, "default"),
+             build_plan(layout, get_policy("default", guide_to_guide="local", guide_radius_tokens=0))]
+    assert all(p.policy.guide_isolated for p in plans)
+    inputs = tiny_inputs(layout, batch=1)
+    cached = HierFluxTransformer(model, backend="reference", cache_guide=True)
+    uncached = HierFluxTransformer(model, backend="reference", cache_guide=False)
+    expected = [hier_forward(uncached, plan, inputs) for plan in plans]
+    assert (expected[0] - expected[1]).abs().max() > 1e-4, "the plans must differ in what the guide computes"
+    for i in (0, 1, 0, 1):
+        torch.testing.assert_close(hier_forward(cached, plans[i], inputs), expected[i], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
