@@ -9,15 +9,56 @@ _TINY_KEYS = ("patch_size", "in_channels", "num_layers", "num_single_layers", "a
               "axes_dims_rope")
 
 
-def test_step_bench_smoke_on_cpu():
+def test_step_bench_smoke_on_cpu(monkeypatch):
+    """Each row times its own step: a hierarchical step made 0.6 s slower and a dense one 0.1 s slower show up as
+    at least that in their rows (a bench that timed nothing, the other mode, or only setup would not), and the
+    speedup is the ratio of the two."""
+    import time
+
+    from diffusers import FluxTransformer2DModel
+
+    from ultragen.flux import HierFluxTransformer
+
+    class SlowHier(HierFluxTransformer):
+        def forward(self, *args, **kwargs):
+            time.sleep(0.6)
+            return super().forward(*args, **kwargs)
+
+    dense_forward = FluxTransformer2DModel.forward
+
+    def slow_dense(self, *args, **kwargs):
+        time.sleep(0.1)
+        return dense_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", SlowHier)
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", slow_dense)
     config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
     logs = []
     rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16", "fp8"), config=config, device="cpu",
                           text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=logs.append)
     assert {(r.mode, r.backend) for r in rows} == {("hier", "reference"), ("dense", "cudnn")}
-    assert all(r.s_per_step > 0 for r in rows)
+    hier, dense = (next(r for r in rows if r.mode == m) for m in ("hier", "dense"))
+    assert hier.s_per_step >= 0.6 and 0.1 <= dense.s_per_step < 0.5  # the tiny steps themselves take ~0.05 s
     assert any("FP8 skipped" in line for line in logs)
-    assert speedups(rows)["256x256"]["speedup"] > 0
+    assert speedups(rows)["256x256"]["speedup"] == dense.s_per_step / hier.s_per_step
+
+
+def test_median_s_times_the_calls_after_the_warm_up_and_takes_the_median(monkeypatch):
+    """With a scripted clock: the warm-up call is not timed, each repeat is timed from just before to just after the
+    call, and the median of the repeats is returned; repeats=0 times the one call."""
+    from ultragen.bench import step
+
+    clock = {"now": 0.0}
+    durations = iter([100.0, 1.0, 5.0, 2.0, 7.0])  # warm-up, then three repeats; then the repeats=0 call
+
+    def call():
+        clock["now"] += next(durations)
+        return clock["now"]
+
+    monkeypatch.setattr(step.time, "perf_counter", lambda: clock["now"])
+    seconds, out = step.median_s(call, repeats=3)
+    assert seconds == 2.0 and out == 108.0  # median of 1, 5, 2; the output of the last call
+    assert step.median_s(call, repeats=0) == (7.0, 115.0)
 
 
 def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
