@@ -142,13 +142,3 @@ def test_guide_cache_follows_adapter_scale_and_ntk_changes():
     cached.ntk_factor = fresh.ntk_factor = 10.0
     torch.testing.assert_close(hier_forward(cached, plan, inputs), hier_forward(fresh, plan, inputs),
                                rtol=1e-5, atol=1e-6)
-
-
-def test_other_adapters_are_refused_with_the_fix():
-    from peft import LoraConfig
-
-    model = tiny_flux()
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]), adapter_name="style")
-    layout = tiny_layout(8, 16)
-    with pytest.raises(ValueError, match="fuse_lora"):
-        hier_forward(HierFluxTransformer(model, backend="reference"), build_plan(layout), tiny_inputs(layout))

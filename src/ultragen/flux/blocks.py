@@ -4,8 +4,9 @@ These functions call the block's own modules (norms, projections, feed-forwards;
 the stock blocks do, with three differences that the method needs:
 
 - the guide stream gets its own modulation (from a t = 0 embedding) through the same norm modules;
-- projections run the original weights for text and hires tokens, and the LoRA-adapted module for guide tokens
-  (``adapted=True``), so a guide LoRA can never leak into the hires path;
+- projections run without the guide LoRA for text and hires tokens and with it for guide tokens (``adapted=True``),
+  so a guide LoRA can never leak into the hires path; any other LoRA (a user's style LoRA) applies to every stream,
+  as in the stock model (:func:`linear`);
 - attention is one call over ``[text | hires | guide]`` through ``ultragen.attention`` with the plan; the text
   length is carried explicitly (diffusers' single block infers it from a concatenation).
 
@@ -42,6 +43,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ultragen.flux.lora import ADAPTER_NAME as GUIDE_ADAPTER
+
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (S, head_dim)
 # attention(q, k, v) -> out; q covers the leading query rows of the sequence, k and v all of it (B, H, S, D)
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,10 +67,33 @@ GuideKV = tuple[torch.Tensor, torch.Tensor]  # (k, v) of the guide for one layer
 
 
 def linear(module: nn.Module, x: torch.Tensor, adapted: bool) -> torch.Tensor:
-    """``module(x)``; with ``adapted=False`` any PEFT adapter on the module is bypassed (original weights)."""
-    if not adapted and isinstance(module, BaseTunerLayer):
-        module = module.get_base_layer()
-    return module(x)
+    """``module(x)`` with the guide LoRA applied only when ``adapted``; every other active PEFT adapter (the user's
+    style LoRAs) applies either way, as in the stock model.
+
+    On a PEFT-wrapped module this is PEFT's own LoRA forward written out: the base layer, then for each active,
+    unmerged adapter in order ``result + lora_B(lora_A(dropout(x))) * scaling`` (the same operations, so a module
+    without the guide LoRA gives PEFT's result bit for bit), skipping the guide adapter unless ``adapted``. Nothing in
+    PEFT's state is changed (compile-friendly: a compiled block only reads which adapters are active and their
+    scales). Adapters merged into the base weights (``fuse_lora``) are already in the base layer's output; unlike
+    PEFT's forward, a merged module still adds the guide LoRA when it is unmerged."""
+    if not isinstance(module, BaseTunerLayer):
+        return module(x)
+    if not hasattr(module, "lora_A"):  # another PEFT tuner type: not routed per adapter
+        return module(x) if adapted else module.get_base_layer()(x)
+    result = module.get_base_layer()(x)
+    if module.disable_adapters:
+        return result
+    result_dtype = result.dtype
+    for name in module.active_adapters:
+        if name not in module.lora_A or name in module.merged_adapters or (name == GUIDE_ADAPTER and not adapted):
+            continue
+        lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+        x = module._cast_input_dtype(x, lora_A.weight.dtype)
+        if name in module.lora_variant:  # DoRA and other variants: PEFT's own step for this adapter
+            result = module.lora_variant[name].forward(module, active_adapter=name, x=x, result=result)
+        else:
+            result = result + lora_B(lora_A(module.lora_dropout[name](x))) * module.scaling[name]
+    return result.to(result_dtype)
 
 
 # GELU's tanh form, 0.5 x (1 + tanh(u)), equals x * sigmoid(2u) exactly (tanh(u) = 2 sigmoid(2u) - 1)

@@ -24,7 +24,6 @@ from ultragen.flux.blocks import (
     linear,
     single_block,
 )
-from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.flux.rope import flux_rope
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
@@ -67,6 +66,10 @@ class HierFluxTransformer(nn.Module):
     Compiled blocks (:meth:`compile_blocks`) run it whole: the chunk loop would be unrolled into the graph (an 8K
     FP8 compile with 16 chunks did not finish in 9 minutes), and inductor's fused blocks do not need it (8K,
     compiled, FP8, unchunked: 39.2 GB peak on an H100). The once-per-image guide pass, never compiled, still chunks.
+
+    PEFT adapters: the guide LoRA (``ultragen.flux.lora.ADAPTER_NAME``) acts on guide tokens only; any other active
+    adapter (a user's style LoRA, loaded with diffusers) acts on every stream, as in the stock model
+    (``ultragen.flux.blocks.linear``).
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
@@ -196,13 +199,6 @@ class HierFluxTransformer(nn.Module):
             raise ValueError("this model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. torch.full((B,), 3.5)")
         if not needs_guidance and guidance is not None:
             raise ValueError("this model has no guidance embedding (FLUX.1-schnell): pass guidance=None")
-        foreign = sorted(self._adapter_names() - {ADAPTER_NAME})
-        if foreign:
-            raise ValueError(
-                f"adapters {foreign} are loaded on the transformer; the hierarchical forward runs text and hires "
-                f"tokens through the base weights only, so they would silently act on the guide alone. Fuse them "
-                f"into the base weights first (diffusers: pipe.fuse_lora(); pipe.unload_lora_weights())"
-            )
 
     def _embed_time(self, t, g, pooled) -> torch.Tensor:
         embed = self.transformer.time_text_embed
@@ -218,24 +214,20 @@ class HierFluxTransformer(nn.Module):
             self._rope = (*key, rope)
         return self._rope[3]
 
-    def _adapter_names(self) -> set[str]:
-        names: set[str] = set()
-        for module in self.transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                names.update(module.lora_A.keys() if hasattr(module, "lora_A") else module.active_adapters)
-        return names
-
     def _use_cache(self, plan: AttentionPlan) -> bool:
         return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
 
     def _adapter_fingerprint(self) -> tuple:
-        """What the guide's keys/values depend on besides the inputs: adapter state (active set, on/off, scales,
-        weights) and the base weights under the adapters, by tensor identity and in-place version."""
+        """What the guide's keys/values depend on besides the inputs: adapter state (the adapters present, which are
+        active and merged, on/off, scales, weights: the guide LoRA and any style LoRA) and the base weights under
+        the adapters, by tensor identity and in-place version."""
         marks = []
         for module in self.transformer.modules():
             if isinstance(module, BaseTunerLayer):
                 scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
-                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters, scaling))
+                present = tuple(getattr(module, "lora_A", {}).keys())
+                marks.append((id(module), present, tuple(module.active_adapters), tuple(module.merged_adapters),
+                              module.disable_adapters, scaling))
                 marks.extend((p.data_ptr(), p._version) for p in module.parameters())
         return tuple(marks)
 

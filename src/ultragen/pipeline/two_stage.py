@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -37,8 +39,8 @@ from ultragen.policy import build_plan
 log = logging.getLogger(__name__)
 NO_LORA_WARNING = (
     "no guide LoRA loaded: the hires pass reads the guide only as far as the model generalises to it untrained. On "
-    "the testbed a model that never saw guide tokens ignored it completely (4x count accuracy 0.000 without a guide "
-    "LoRA, 0.785 with one; bench/results/testbed-20261122.md). Train one with `ultragen train` and pass --lora.")
+    "the testbed a model that never saw guide tokens ignored it completely (4x count accuracy without and with a guide "
+    "LoRA: README.md, Testbed). Train one with `ultragen train` and pass --lora.")
 
 
 @dataclass
@@ -88,17 +90,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _adapters_off(transformer):
-    """Run the stock model: PEFT adapters (the guide LoRA) disabled inside, restored after."""
-    has_adapters = getattr(transformer, "_hf_peft_config_loaded", False)
-    if has_adapters:
-        transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        if has_adapters:
-            transformer.enable_adapters()
 
 
 class UltraGenPipeline:
@@ -106,14 +97,19 @@ class UltraGenPipeline:
 
     Wraps a diffusers :class:`FluxPipeline` (its text encoders, tokenizers, VAE, scheduler and transformer are
     used as they are; the transformer's weights are never modified, a guide LoRA is added as a PEFT adapter).
+    Style LoRAs (:meth:`load_style_lora`) are loaded by diffusers as further adapters and act as in stock diffusers.
     """
 
     def __init__(self, flux: FluxPipeline, model: str = ""):
         self.flux = flux
         self.model = model
         self.lora_metadata = None
+        self.lora_record: dict | None = None  # the guide LoRA file: path, sha256, scale
+        self.style_loras: tuple = ()  # ultragen.flux.style_lora.LoadedStyleLora, in loading order
+        self._style_loads = 0  # adapter names are never reused (style1, style2, ...)
         self._warned_no_lora = False
         self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
+        self.parallel = None  # ultragen.parallel.SequenceParallel: the hires pass over several processes (torchrun)
         self._fp8 = False
         # per cascade level, the sigma the last run's stage B re-noised its guide to, read from the scheduler it ran
         # (what a run record states; a closed formula would not notice if stage B used another)
@@ -151,9 +147,9 @@ class UltraGenPipeline:
             return
         if not config.fp8:
             raise ValueError("this pipeline's transformer is already FP8; load a fresh pipeline for bf16 weights")
-        if self.lora_metadata is not None:
-            raise ValueError("fp8=True must quantize the transformer before the LoRA is added; call prepare_weights "
-                             "(or generate once) before load_lora")
+        if self.lora_metadata is not None or self.style_loras:
+            raise ValueError("fp8=True must quantize the transformer before any LoRA is added; call prepare_weights "
+                             "(or generate once) before load_lora / load_style_lora")
         from ultragen.flux.fp8 import quantize_blocks_fp8
 
         quantize_blocks_fp8(self.flux.transformer)
@@ -163,10 +159,71 @@ class UltraGenPipeline:
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
         from ultragen.flux.lora import load_guide_lora
 
+        from ultragen.style_lora import file_sha256
+
         expected = config.lora_expectation(config.model or self.model)
         self.lora_metadata = load_guide_lora(self.flux.transformer, path, expected=expected,
                                              allow_mismatch=allow_mismatch)
+        self.lora_record = {"kind": "guide", "path": str(Path(path).resolve()), "sha256": file_sha256(path),
+                            "scale": 1.0}
+        self._activate_adapters()  # diffusers' add_adapter made the guide LoRA the only active adapter
         return self.lora_metadata
+
+    def load_style_lora(self, path: str | os.PathLike, scale: float = 1.0):
+        """Add a style LoRA (any FLUX.1 format diffusers reads: diffusers/PEFT, kohya, XLabs, ...; .safetensors only)
+        at ``scale``. It acts on every token stream in both stages, as it does in stock diffusers; the guide LoRA
+        acts on top of it on the guide tokens only. Refused (ValueError naming the file) when it is not a
+        safetensors file, is corrupt, or does not fit this model. Returns the loaded LoRA (file, SHA-256, adapter)."""
+        from ultragen.flux.style_lora import load_style_lora
+        from ultragen.style_lora import StyleLoraSpec, read_style_lora
+
+        lora = read_style_lora(StyleLoraSpec(os.fspath(path), scale))
+        self._style_loads += 1
+        loaded = load_style_lora(self.flux, lora, adapter_name=f"style{self._style_loads}")
+        self.style_loras = (*self.style_loras, loaded)
+        self._activate_adapters()
+        return loaded
+
+    def unload_style_loras(self) -> None:
+        """Remove every style LoRA (their adapters are deleted; the guide LoRA stays)."""
+        if self.style_loras:
+            self.flux.delete_adapters([s.adapter_name for s in self.style_loras])
+        self.style_loras = ()
+        self._activate_adapters()
+
+    def lora_records(self) -> list[dict]:
+        """Every LoRA file in use, for an image's record: kind ("guide" or "style"), path, SHA-256 and scale."""
+        styles = [{"kind": "style", **s.file.record()} for s in self.style_loras]
+        return ([self.lora_record] if self.lora_record is not None else []) + styles
+
+    def _activate_adapters(self, guide: bool = True) -> None:
+        """Make exactly the style LoRAs (at their scales) and, with ``guide``, the guide LoRA active."""
+        names = [s.adapter_name for s in self.style_loras]
+        weights = [s.scale for s in self.style_loras]
+        if guide and ADAPTER_NAME in getattr(self.flux.transformer, "peft_config", {}):
+            names, weights = [*names, ADAPTER_NAME], [*weights, 1.0]
+        if names:
+            self.flux.set_adapters(names, weights)
+
+    @contextlib.contextmanager
+    def _guide_lora_off(self):
+        """Stage A runs the stock model: the style LoRAs on, the guide LoRA off inside, restored after."""
+        transformer = self.flux.transformer
+        if ADAPTER_NAME not in getattr(transformer, "peft_config", {}):
+            yield
+            return
+        styled = any("transformer" in s.components for s in self.style_loras)
+        if styled:
+            self._activate_adapters(guide=False)
+        else:
+            transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            if styled:
+                self._activate_adapters()
+            else:
+                transformer.enable_adapters()
 
     # --- the call --------------------------------------------------------------------------------------------------
     def resolve(self, config: GenerationConfig) -> GenerationConfig:
@@ -257,6 +314,9 @@ class UltraGenPipeline:
             callback(StepEvent("encode", 1, 1))
         with clock("guide"):
             guide = self._stage_a(text, config, generator, progress, callback)
+        if self.parallel is not None:  # every rank continues from rank 0's prompt and guide, bit for bit
+            embeds, pooled, guide = self.parallel.same_everywhere(text.embeds, text.pooled, guide)
+            text = _Prompt(embeds, pooled)
         x, sigmas = guide, []
         self.last_warm_start_sigmas = ()
         for level, layout in enumerate(config.layouts()):
@@ -275,10 +335,12 @@ class UltraGenPipeline:
     # --- stages ----------------------------------------------------------------------------------------------------
     def _hierarchical(self, config: GenerationConfig) -> HierFluxTransformer:
         """The hierarchical wrapper for these settings; kept across calls so compiled blocks are reused."""
-        key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens, config.cache_guide)
+        key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens, config.cache_guide,
+               self.parallel)
         if self._hier is None or self._hier[0] != key:
             hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
-                                       cache_guide=config.cache_guide, ff_chunk_tokens=config.ff_chunk_tokens)
+                                       cache_guide=config.cache_guide, ff_chunk_tokens=config.ff_chunk_tokens,
+                                       parallel=self.parallel)
             if config.compile_blocks:
                 hier.compile_blocks()
                 # stage A runs the stock blocks through diffusers: compile them too (regional, in place; the
@@ -318,7 +380,7 @@ class UltraGenPipeline:
             flux.scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
         flux.set_progress_bar_config(desc="guide", disable=not progress)
         try:
-            with _adapters_off(flux.transformer):
+            with self._guide_lora_off():
                 packed = flux(
                     prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
                     num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
