@@ -112,6 +112,27 @@ def test_stopped_and_resumed_run_reproduces_the_curve_exactly(cache, full_run, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_is_exact_under_a_warm_up_and_cosine_schedule(cache, tmp_path):
+    """Stopped inside the cosine decay after a warm-up and resumed: the LR of every step and the losses equal the
+    uninterrupted run's (a resume that does not restore the LR scheduler restarts the warm-up)."""
+    schedule = dict(steps=12, save_every=6, validate_every=12, warmup_steps=4, lr_schedule="cosine")
+    full = train(train_config(cache, tmp_path / "full", **schedule), **quiet)
+    lrs = [r["lr"] for r in full.history]
+    assert lrs[0] < lrs[3] and lrs[3] > lrs[6] > lrs[-1] and len(set(lrs)) == len(lrs)  # warm-up, then decay
+
+    def stop_after_6(step, record):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(train_config(cache, tmp_path / "stopped", **schedule), on_step=stop_after_6, **quiet)
+    resumed = train(train_config(cache, tmp_path / "stopped", resume=True, **schedule), **quiet)
+    assert [r["lr"] for r in resumed.history] == lrs
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    a, b = guide_lora_state(resumed.transformer), guide_lora_state(full.transformer)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_saved_lora_loads_and_changes_only_the_guide_path(full_run):
     layout = make_layout(SIZE, SIZE, window_tokens=WINDOW, rho=RHO, text_tokens=128, block_tokens=BLOCK, pad=False)
     expected = LoraMetadata(base_model="tiny-random", policy=get_policy("default").to_dict(), rho=RHO,
