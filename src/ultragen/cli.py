@@ -235,6 +235,9 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                                     "are the defaults")
     gen.add_argument("--lora-force", action="store_true",
                      help="use the LoRA even if settings given here differ from its own (says which)")
+    gen.add_argument("--style-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="a FLUX LoRA of your own (.safetensors: diffusers/PEFT, kohya, XLabs formats) at SCALE "
+                          "(default 1), on every token in both stages as in diffusers; repeat for several")
     gen.add_argument("--vae-tile", type=whole_number, help="VAE decode tile in pixels (default: the VAE's)")
     gen.add_argument("--offload-text-encoders", action="store_true", help="move text encoders to CPU after use")
     gen.add_argument("--no-guide-cache", action="store_true",
@@ -284,8 +287,11 @@ def run_generate(args: argparse.Namespace) -> int:
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
         ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache, **given,
     )
+    from ultragen.style_lora import parse_style_lora
+
+    style_loras = tuple(parse_style_lora(value) for value in args.style_lora)
     job = prepare_generation(config, args.prompt, args.prompts_file, args.out, force=args.force, device=args.device,
-                             dtype=args.dtype, lora_allow_mismatch=args.lora_force, log=log)
+                             dtype=args.dtype, lora_allow_mismatch=args.lora_force, log=log, style_loras=style_loras)
     if args.dry_run:
         print(json.dumps(describe(job), indent=2))
         return 0

@@ -20,7 +20,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ultragen.flux.lora import METADATA_KEY
-from ultragen.style_lora import StyleLoraFile
+from ultragen.style_lora import StyleLoraFile, StyleLoraSpec, read_style_lora
 
 FORMATS = "diffusers/PEFT, kohya (sd-scripts), XLabs, or another FLUX.1 format diffusers reads"
 _COMPONENTS = ("transformer", "text_encoder")
@@ -77,7 +77,8 @@ def convert_flux_lora(lora: StyleLoraFile) -> dict[str, torch.Tensor]:
             state, _alphas = FluxLoraLoaderMixin.lora_state_dict(_copy(lora.tensors), return_alphas=True)
             state = _text_encoder_keys_as_peft(state)
     except Exception as error:  # diffusers' converters raise ValueError, KeyError, AssertionError, ...
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        words = " ".join(str(error).split())
+        reason = (words[:160] + " ...") if len(words) > 160 else (words or type(error).__name__)
         raise ValueError(f"style LoRA {name!r} is not a FLUX.1 LoRA in a format diffusers reads ({FORMATS}): "
                          f"{reason}") from None
     foreign = [k for k in state if not (k.startswith(tuple(f"{c}." for c in _COMPONENTS))
@@ -153,3 +154,11 @@ def load_style_lora(flux, lora: StyleLoraFile, adapter_name: str) -> LoadedStyle
         flux.load_lora_weights(_copy(lora.tensors), adapter_name=adapter_name)
     present = tuple(c for c in _COMPONENTS if any(k.startswith(f"{c}.") for k in state))
     return LoadedStyleLora(lora, adapter_name, present)
+
+
+def check_style_lora_file(spec: StyleLoraSpec) -> StyleLoraFile:
+    """Everything that can be checked without the model (a readable safetensors file of a FLUX.1 LoRA in a format
+    diffusers reads); the shapes are checked against the model when it is loaded. ValueError naming the file."""
+    lora = read_style_lora(spec)
+    convert_flux_lora(lora)
+    return lora

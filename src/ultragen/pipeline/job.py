@@ -41,6 +41,7 @@ class GenerationJob:
     device: str
     dtype: str
     lora_allow_mismatch: bool = False
+    style_loras: tuple = ()  # ultragen.style_lora.StyleLoraSpec, in loading order
 
     def seeds(self) -> list[int]:
         return [self.config.seed + i for i in range(len(self.prompts))]
@@ -86,7 +87,7 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 
 def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_file: str | None, out: str | None,
                        force: bool = False, device: str = "auto", dtype: str = "auto",
-                       lora_allow_mismatch: bool = False, log=print) -> GenerationJob:
+                       lora_allow_mismatch: bool = False, log=print, style_loras=()) -> GenerationJob:
     """Check the whole run before any weights are loaded, as far as the real run would check it (the model's files,
     the LoRA, the attention backend on this device); raises ValueError with the value, the rule and the fix.
 
@@ -108,7 +109,13 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
     if config.lora_path is not None:
         _check_lora(config, lora_allow_mismatch, log)
     _check_backend(config, device, dtype, info)
-    return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch)
+    if style_loras:  # style LoRA files (ultragen.style_lora.StyleLoraSpec): readable, a FLUX.1 format
+        from ultragen.flux.style_lora import check_style_lora_file
+
+        for spec in style_loras:
+            check_style_lora_file(spec)
+    return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch,
+                         tuple(style_loras))
 
 
 def lora_settings(path: str) -> dict:
@@ -205,6 +212,7 @@ def describe(job: GenerationJob) -> dict:
         "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
         "prompts": [{"prompt": p, "seed": s, "files": [str(f) for f in paths.all()]}
                     for p, s, paths in zip(job.prompts, job.seeds(), job.outputs)],
+        "style_loras": [{"path": spec.path, "scale": spec.scale} for spec in job.style_loras],
         "device": job.device,
         "dtype": job.dtype,
     }
@@ -232,6 +240,7 @@ def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: Gene
         "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
         "warm_start_sigma": warm_start_sigma(config.steps, config.warm_start_skip, config.shift),
         "lora": None if pipe.lora_metadata is None else json.loads(pipe.lora_metadata.to_json()),
+        "lora_files": pipe.lora_records(),  # every LoRA file: kind, path, SHA-256, scale
         "device": job.device if job.device == "cpu" else torch.cuda.get_device_name(torch.device(job.device)),
         "dtype": job.dtype,
         "files": {"image": paths.image.name, "latent": paths.latent.name, "sidecar": paths.sidecar.name},
@@ -249,6 +258,8 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print) -> list
     pipe.prepare_weights(job.config)  # FP8, before any LoRA
     if job.config.lora_path is not None:
         pipe.load_lora(job.config.lora_path, pipe.resolve(job.config), allow_mismatch=job.lora_allow_mismatch)
+    for spec in job.style_loras:  # before any image: a LoRA that does not fit the model stops the run here
+        pipe.load_style_lora(spec.path, scale=spec.scale)
     records = []
     for prompt, seed, paths in zip(job.prompts, job.seeds(), job.outputs):
         config = pipe.resolve(replace(job.config, seed=seed))

@@ -100,14 +100,18 @@ def check_writable(folder: Path) -> None:
 
 
 def png_text(record: dict) -> dict[str, str]:
-    """The PNG text chunks of one image: prompt, seed, model and the settings as JSON."""
-    return {
+    """The PNG text chunks of one image: prompt, seed, model, the settings as JSON and, when any LoRA was used, the
+    LoRA files as JSON (kind, path, SHA-256, scale)."""
+    text = {
         "prompt": record["prompt"],
         "seed": str(record["config"]["seed"]),
         "model": record["config"]["model"],
         "ultragen_config": json.dumps(record["config"], sort_keys=True),
         "Software": f"ultragen {record['versions']['ultragen']}",
     }
+    if record.get("lora_files"):
+        text["lora_files"] = json.dumps(record["lora_files"])
+    return text
 
 
 def write_png(path: Path, image: Image.Image, text: dict[str, str]) -> None:
