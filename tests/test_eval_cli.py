@@ -124,7 +124,7 @@ def test_end_to_end_report(tmp_path, capsys, net, weights, tiny_clip):
 def test_prompts_file_is_used_for_images_without_metadata(tmp_path, capsys, net, tiny_clip):
     gen = make_folder(tmp_path / "gen", 3, fmt="jpg")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a\nb\nc\n")
+    prompts.write_text("# generate's rule: comments and blank lines are skipped\na\n\nb\nc\n")
     out = tmp_path / "r"
     code, _, stderr = run(capsys, "--images", gen, "--prompts", prompts, "--out", out, "--metrics", "clip",
                           "--clip-model", tiny_clip, "--device", "cpu")

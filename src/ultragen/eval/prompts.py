@@ -1,5 +1,6 @@
 """Which prompt each generated image had: from ``--prompts FILE`` (one line per image, in natural name order) or from
-the ``prompt`` PNG text chunk that ``ultragen generate`` writes (see ``ultragen.pipeline.outputs.png_text``)."""
+the ``prompt`` PNG text chunk that ``ultragen generate`` writes (see ``ultragen.pipeline.outputs.png_text``). A prompts
+file is read by ``ultragen generate --prompts-file``'s rule (blank and ``#`` lines skipped), so one file serves both."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from ultragen.eval.images import ImageRecord
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped."""
+    """The non-blank, non-``#`` lines of a UTF-8 text file, stripped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"--prompts {str(path)!r} could not be read as UTF-8 text ({error})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def resolve_prompts(records: list[ImageRecord], prompt_file: Path | None) -> list[str]:
