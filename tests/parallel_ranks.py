@@ -33,7 +33,8 @@ def _child(fn, rank, world, port, timeout_s, queue):
         buffer = io.BytesIO()  # plain bytes: a queued tensor would be shared memory that dies with this process
         torch.save(fn(rank, world), buffer)
         queue.put((rank, "ok", buffer.getvalue()))
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
         queue.put((rank, "error", traceback.format_exc()))
         raise

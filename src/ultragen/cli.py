@@ -249,6 +249,10 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="feed-forward over chunks of N tokens: less activation memory at 8K, and what lets --fp8 "
                           "run there on 80 GB without --compile; compiled blocks run it whole (default 16384; 0: off)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gen.add_argument("--parallel", choices=["ulysses", "halo"],
+                     help="split the hires pass over the processes of `torchrun --nproc-per-node N -m ultragen.cli "
+                          "generate ...` (one GPU each): ulysses (all-to-all over heads) or halo (neighbour windows "
+                          "only, less traffic); rank 0 writes the files")
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     gen.add_argument("--out", help="a .png file (one prompt) or a folder (default: the current folder)")
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -271,6 +275,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     def log(line: str) -> None:
         print(line, file=sys.stderr)
+
+    if args.parallel:
+        from ultragen.parallel.launch import quiet_other_ranks
+
+        quiet_other_ranks()  # the user reads rank 0; a rank's own failure still prints its line
 
     given = {field: getattr(args, dest) for dest, field in LORA_OPTIONS.items() if getattr(args, dest) is not None}
     if args.lora is not None and Path(args.lora).is_file():  # a missing file is refused by GenerationConfig
@@ -295,6 +304,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(describe(job), indent=2))
         return 0
+    if args.parallel:
+        from ultragen.parallel.launch import generate_files_parallel
+
+        return generate_files_parallel(job, args.parallel, progress=not args.quiet, log=log)
     generate_files(job, progress=not args.quiet, log=log)
     return 0
 

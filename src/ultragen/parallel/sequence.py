@@ -118,9 +118,14 @@ class SequenceParallel:
             per_plan[guide_queried] = halo_plan(plan, self.shards(plan.layout), self.rank, guide_queried)
         return per_plan[guide_queried]
 
-    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as rank 0 has it, on every rank (e.g. stage A's guide, so every rank continues from the same one)."""
-        return self.comm.broadcast(x.contiguous())
+    def same_everywhere(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``tensors`` as rank 0 has them, on every rank (stage A's guide and the prompt: every rank computed them,
+        but the hires pass needs them bit-identical, which kernels need not guarantee across devices)."""
+        return tuple(self.comm.broadcast(t.contiguous()) for t in tensors)
+
+    def writes_files(self) -> bool:
+        """Wait until every rank gets here (fails if one died); True on rank 0, the one rank that writes."""
+        return self.comm.all_ok(True) and self.rank == 0
 
 
 @torch.library.custom_op("ultragen::sequence_parallel_attend", mutates_args=())

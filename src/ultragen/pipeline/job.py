@@ -249,12 +249,16 @@ def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: Gene
     }
 
 
-def generate_files(job: GenerationJob, progress: bool = True, log=print) -> list[dict]:
-    """Run ``job``: load the model, then per prompt save the latent, decode, write PNG + sidecar. Returns records."""
+def generate_files(job: GenerationJob, progress: bool = True, log=print, parallel=None) -> list[dict]:
+    """Run ``job``: load the model, then per prompt save the latent, decode, write PNG + sidecar. Returns records.
+
+    ``parallel``: an ``ultragen.parallel.SequenceParallel`` (one per torchrun process): every process runs the hires
+    pass on its windows; once all finished an image, rank 0 alone decodes and writes it (the others return [])."""
     from ultragen.pipeline.decode import save_latent, to_pil
     from ultragen.pipeline.two_stage import UltraGenPipeline
 
     pipe = UltraGenPipeline.from_pretrained(job.config.model, dtype=DTYPES[job.dtype]).to(job.device)
+    pipe.parallel = parallel
     pipe.prepare_weights(job.config)  # FP8, before any LoRA
     if job.config.lora_path is not None:
         pipe.load_lora(job.config.lora_path, pipe.resolve(job.config), allow_mismatch=job.lora_allow_mismatch)
@@ -264,6 +268,8 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print) -> list
     for prompt, seed, paths in zip(job.prompts, job.seeds(), job.outputs):
         config = pipe.resolve(replace(job.config, seed=seed))
         latents, _, timings = pipe.generate_latents(prompt, config, progress=progress)
+        if parallel is not None and not parallel.writes_files():  # waits until every rank has finished the image
+            continue
         save_latent(paths.latent, latents, config.to_record(), prompt)  # before decoding: an OOM loses nothing
         start = time.perf_counter()
         image = to_pil(pipe.decode(latents, config.vae_tile_px, progress=progress))[0]
