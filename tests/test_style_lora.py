@@ -25,6 +25,7 @@ from ultragen.policy import build_plan, get_policy
 from ultragen.style_lora import StyleLoraSpec, parse_style_lora
 
 RANK = 4
+SIZE, GUIDE = 256, 64  # image and stage-A size in pixels (rho 4)
 PIPE_KWARGS = dict(num_inference_steps=3, warm_start_skip=1, guide_steps=2, output_type="latent", progress=False)
 
 
@@ -169,35 +170,37 @@ def test_stage_a_equals_stock_flux_pipeline_with_the_same_lora(style_file):
     pipe = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
     guide_lora(pipe)
     pipe.load_style_lora(style_file, scale=0.8)
-    out = pipe("a red fox", 512, 512, generator=torch.Generator().manual_seed(4), **PIPE_KWARGS)
+    out = pipe("a red fox", SIZE, SIZE, generator=torch.Generator().manual_seed(4), **PIPE_KWARGS)
     config = out.config
     stock = tiny_flux_pipeline()
-    plain = stock("a red fox", height=128, width=128, num_inference_steps=2, guidance_scale=config.guide_guidance_scale,
+    plain = stock("a red fox", height=GUIDE, width=GUIDE, num_inference_steps=2, guidance_scale=config.guide_guidance_scale,
                   generator=torch.Generator().manual_seed(4), output_type="latent",
                   max_sequence_length=config.text_tokens).images
     stock.load_lora_weights(str(style_file), adapter_name="mine")
     stock.set_adapters(["mine"], [0.8])
-    expected = stock("a red fox", height=128, width=128, num_inference_steps=2,
+    expected = stock("a red fox", height=GUIDE, width=GUIDE, num_inference_steps=2,
                      guidance_scale=config.guide_guidance_scale, generator=torch.Generator().manual_seed(4),
                      output_type="latent", max_sequence_length=config.text_tokens).images
-    assert config.guide_size_px == (128, 128)
+    assert config.guide_size_px == (GUIDE, GUIDE)
     assert (expected - plain).abs().max() > 1e-3, "the LoRA has no effect on stage A, so the test proves nothing"
-    torch.testing.assert_close(out.guide_latents, unpack(expected, 128, 128), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.guide_latents, unpack(expected, GUIDE, GUIDE), rtol=1e-5, atol=1e-6)
 
 
 def test_unload_restores_the_base_output_bitwise(style_file):
     pipe = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
     guide_lora(pipe)
-    base = pipe("a red fox", 512, 512, **PIPE_KWARGS).latents
+    base = pipe("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents
     loaded = pipe.load_style_lora(style_file, scale=1.0)
     assert loaded.components == ("transformer", "text_encoder")
-    styled = pipe("a red fox", 512, 512, **PIPE_KWARGS).latents
+    styled = pipe("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents
     assert (styled - base).abs().max() > 1e-3
     pipe.unload_style_loras()
-    assert pipe.style_loras == () and pipe.flux.transformer.transformer_blocks[0].attn.to_q.active_adapters == ["guide"]
-    assert torch.equal(pipe("a red fox", 512, 512, **PIPE_KWARGS).latents, base)
+    assert pipe.style_loras == () and set(pipe.flux.transformer.peft_config) == {"guide"}
+    assert pipe.flux.transformer.transformer_blocks[0].attn.to_q.active_adapters == ["guide"]
+    assert not getattr(pipe.flux.text_encoder, "peft_config", {})
+    assert torch.equal(pipe("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents, base)
     pipe.load_style_lora(style_file, scale=1.0)  # and again: a new adapter name, the same result
-    assert torch.equal(pipe("a red fox", 512, 512, **PIPE_KWARGS).latents, styled)
+    assert torch.equal(pipe("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents, styled)
 
 
 def kohya_pair(flux, seed: int, alpha: float) -> tuple[dict, dict]:
@@ -246,7 +249,7 @@ def test_kohya_and_diffusers_files_of_the_same_weights_give_the_same_output(tmp_
         if state is not None:
             loaded = pipe.load_style_lora(write(tmp_path / f"{name}.safetensors", state), scale=0.9)
             assert loaded.components == ("transformer", "text_encoder")
-        outputs[name] = pipe("a red fox", 512, 512, generator=torch.Generator().manual_seed(2), **PIPE_KWARGS)
+        outputs[name] = pipe("a red fox", SIZE, SIZE, generator=torch.Generator().manual_seed(2), **PIPE_KWARGS)
     assert (outputs["kohya"].latents - outputs["none"].latents).abs().max() > 1e-3
     for field in ("guide_latents", "latents"):
         torch.testing.assert_close(getattr(outputs["kohya"], field), getattr(outputs["diffusers"], field),
@@ -320,7 +323,7 @@ def test_cli_refuses_each_bad_style_lora_with_one_line_and_writes_nothing(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     for name, (text, words) in bad_files(tmp_path).items():
-        code = main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--width", "512", "--height", "512",
+        code = main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--width", str(SIZE), "--height", str(SIZE),
                      "--guide-steps", "2", "--steps", "3", "--warm-start-skip", "1", "--quiet", "--device", "cpu",
                      "--out", str(out / "fox.png"), "--style-lora", text])
         err = capsys.readouterr().err.strip()
@@ -337,7 +340,7 @@ def test_each_image_record_names_every_lora_file_with_sha256_and_scale(tmp_path,
     kohya, _ = kohya_pair(tiny_flux_pipeline(), seed=2, alpha=RANK)
     second = write(tmp_path / "kohya.safetensors", kohya)
     out = tmp_path / "fox.png"
-    assert main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--width", "512", "--height", "512",
+    assert main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--width", str(SIZE), "--height", str(SIZE),
                  "--guide-steps", "2", "--steps", "3", "--warm-start-skip", "1", "--quiet", "--device", "cpu",
                  "--out", str(out), "--style-lora", f"{style_file}:0.75", "--style-lora", str(second)]) == 0
     expected = [{"kind": "style", "path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
