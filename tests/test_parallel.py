@@ -1,5 +1,7 @@
 """Sequence-parallel hierarchical forward (gloo, 2 and 4 CPU processes) against the one-process forward."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -77,3 +79,66 @@ def test_parallel_forward_equals_one_process(world, mode):
             traffic = step_traffic(plan, world, mode, heads=HEADS, head_dim=HEAD_DIM, layers=2,
                                    out_channels=CHANNELS, elem_bytes=4, guide_queried=policy == "paper-v1")
             assert sent[policy] == traffic.per_rank_bytes[rank], (rank, mode, policy)
+
+
+TINY_CONFIG = dict(patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+                   num_attention_heads=HEADS, joint_attention_dim=JOINT, pooled_projection_dim=POOLED,
+                   guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def test_bench_rows_report_speedup_traffic_and_exactness():
+    """The `bench step --parallel` code path on the CPU: one row per mode, the sharded step equal to the one-process
+    step, and the bytes it sent equal to the traffic count (measure_row raises otherwise)."""
+    from ultragen.parallel.bench import run_parallel_step_bench
+
+    def run(rank, world):
+        return run_parallel_step_bench(ProcessGroupContext(), [192], ["ulysses", "halo"], ["reference"], [False],
+                                       precisions=["bf16"], repeats=1, log=lambda _: None, config=TINY_CONFIG,
+                                       device="cpu", text_tokens=TEXT, block_tokens=8, window_tokens=4)
+
+    rows = run_ranks(2, run)
+    same = [[{k: v for k, v in asdict(r).items() if k != "peak_gb"} for r in rank_rows] for rank_rows in rows]
+    assert same[0] == same[1], "every rank reports the same (slowest-rank) numbers (peak memory: NaN on the CPU)"
+    assert [r.parallel for r in rows[0]] == ["ulysses", "halo"]
+    for row in rows[0]:
+        assert row.gpus == 2 and row.rel_err_vs_one_gpu < 1e-5
+        assert row.speedup == pytest.approx(row.one_gpu_s_per_step / row.s_per_step)
+        assert row.scaling_efficiency == pytest.approx(row.speedup / 2)
+        assert 0 < row.comm_s_per_step and row.bytes_per_step > 0
+    assert rows[0][1].bytes_per_step < rows[0][0].bytes_per_step, "halo sends less than Ulysses"
+
+
+def test_ulysses_refuses_heads_that_do_not_split():
+    from ultragen.parallel.ulysses import check_heads
+
+    check_heads(24, 4)
+    with pytest.raises(ValueError, match=r"24 attention heads do not split over 5 processes.*\[2, 3, 4, 6, 8, 12, 24\]"):
+        check_heads(24, 5)
+
+
+def test_too_few_windows_for_the_processes_is_refused():
+    with pytest.raises(ValueError, match="9 windows .* fewer than the 10 processes"):
+        HiresShards.of(LAYOUT, 10)
+
+
+@pytest.mark.parametrize("policy", ["default", "authors-code", "paper-v1"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_halo_needs_are_what_the_dense_token_mask_reads(policy, world):
+    """The blocks a rank receives are exactly the other ranks' hires tokens that the token mask (derived pairwise,
+    independently of the block table) lets its query tokens read."""
+    from ultragen.parallel.halo import needed_blocks
+
+    plan = build_plan(LAYOUT, policy)
+    mask = plan.policy.token_mask(LAYOUT)
+    shards = HiresShards.of(LAYOUT, world)
+    t, h = LAYOUT.text_tokens, LAYOUT.segment_offsets[2]
+    guide_queried = not plan.policy.guide_isolated
+    for rank in range(world):
+        lo, hi = shards.bounds(rank)
+        rows = list(range(t)) + list(range(t + lo, t + hi)) + (list(range(h, LAYOUT.seq_tokens)) if guide_queried else [])
+        read = mask[rows].any(0)
+        for src, blocks in enumerate(needed_blocks(plan, shards, rank, guide_queried)):
+            a, b = shards.bounds(src)
+            tokens = set((t + torch.nonzero(read[t + a : t + b]).flatten() + a).tolist()) if src != rank else set()
+            got = {int(x) * 8 + i for x in blocks for i in range(8)}
+            assert got == tokens, (policy, world, rank, src)

@@ -129,6 +129,10 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     step.add_argument("--dense-compile-max-px", type=whole_number, default=8192,
                       help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
     step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
+    step.add_argument("--parallel", nargs="+", choices=["ulysses", "halo"],
+                      help="under `torchrun --nproc-per-node N`: the hierarchical step sharded over the N GPUs in these "
+                           "modes, against one GPU (speedup, scaling efficiency, communication time and bytes per "
+                           "step); default file bench/results/step-parallel-<N>gpu-<gpu>-<yyyymmdd>.json")
     step.set_defaults(run=run_bench_step)
     image = which.add_parser("image", help="one whole 4096x4096 image, timed per stage")
     image.add_argument("--size", type=whole_number, default=4096, help="square size in pixels (default 4096)")
@@ -143,6 +147,11 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
 
 def run_bench_step(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+
+    if args.parallel:
+        from ultragen.parallel.bench import run_bench_step_parallel
+
+        return run_bench_step_parallel(args)
 
     from ultragen.bench.record import result_path, write_result
     from ultragen.bench.step import run_step_bench, speedups

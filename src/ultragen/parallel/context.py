@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import time
 from enum import Enum
 
 import torch
@@ -28,7 +30,9 @@ def parse_parallel_mode(name: ParallelMode | str) -> ParallelMode:
 
 class ProcessGroupContext:
     """Rank, world size and the collectives of one process group; ``bytes_sent`` counts what this rank sent to the
-    other ranks (payload only, its own chunk of an all-to-all excluded)."""
+    other ranks (payload only, its own chunk of an all-to-all excluded). With ``timed`` on, ``comm_s`` adds up the
+    wall time of every collective, the device synchronised before and after each (which removes any overlap, so time
+    steps with it off and read the communication time from a separate timed run)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         if not dist.is_available() or not dist.is_initialized():
@@ -38,27 +42,42 @@ class ProcessGroupContext:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.bytes_sent = 0
+        self.timed = False
+        self.comm_s = 0.0
+
+    @contextlib.contextmanager
+    def _collective(self, sent_bytes: int, device: torch.device):
+        self.bytes_sent += sent_bytes
+        if not self.timed:
+            yield
+            return
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.comm_s += time.perf_counter() - start
 
     def all_to_all(self, send: torch.Tensor, send_elems: list[int], recv_elems: list[int]) -> torch.Tensor:
         """Flat all-to-all: ``send`` (1D) holds ``send_elems[j]`` elements for rank j in rank order; returns the 1D
         tensor of ``recv_elems[i]`` elements from each rank i, in rank order."""
         recv = send.new_empty(sum(recv_elems))
-        self.bytes_sent += (sum(send_elems) - send_elems[self.rank]) * send.element_size()
-        dist.all_to_all_single(recv, send, recv_elems, send_elems, group=self.group)
+        with self._collective((sum(send_elems) - send_elems[self.rank]) * send.element_size(), send.device):
+            dist.all_to_all_single(recv, send, recv_elems, send_elems, group=self.group)
         return recv
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``x`` (same shape on all ranks), in rank order."""
         out = [torch.empty_like(x) for _ in range(self.world)]
-        self.bytes_sent += (self.world - 1) * x.numel() * x.element_size()
-        dist.all_gather(out, x.contiguous(), group=self.group)
+        with self._collective((self.world - 1) * x.numel() * x.element_size(), x.device):
+            dist.all_gather(out, x.contiguous(), group=self.group)
         return out
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """``x`` as rank ``src`` has it, on every rank (in place; returned for convenience)."""
-        if self.rank == src:
-            self.bytes_sent += (self.world - 1) * x.numel() * x.element_size()
-        dist.broadcast(x, dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+        sent = (self.world - 1) * x.numel() * x.element_size() if self.rank == src else 0
+        with self._collective(sent, x.device):
+            dist.broadcast(x, dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
         return x
 
     def all_ok(self, ok: bool) -> bool:
