@@ -218,9 +218,39 @@ def test_guide_cache_follows_lora_weight_and_scale_changes():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_other_adapters_are_refused_with_the_fix():
-    model = tiny_flux2()
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]), adapter_name="style")
+def test_a_style_adapter_acts_as_in_stock_diffusers_and_the_guide_lora_stays_on_guide_tokens():
+    """Another PEFT adapter (a user's style LoRA) acts on every stream: with a dense single-window plan and no guide,
+    the hierarchical forward of a model carrying it and a random guide LoRA equals the stock model carrying only it;
+    the guide LoRA still changes nothing bitwise when nothing reads the guide."""
+    from test_flux2_transformer import stock_forward
+
+    def styled(with_guide: bool):
+        model = tiny_flux2()
+        if with_guide:
+            add_guide_lora(model, rank=4, targets="wide")
+            randomise_lora(model)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "linear_in", "to_out.0"]),
+                          adapter_name="style")
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name and ".style." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.set_adapters([n for n in ("style", "guide") if n in model.peft_config])
+        return model
+
+    layout = tiny_layout(8, 8, window=8, rho=None)
+    inputs = tiny_inputs(layout)
+    stock = styled(with_guide=False)
+    expected = stock_forward(stock, layout, inputs)
+    stock.disable_adapters()
+    assert (expected - stock_forward(stock, layout, inputs)).abs().max() > 1e-3, "the style adapter does nothing"
+    actual = hier_forward(HierFlux2Transformer(styled(with_guide=True), backend="reference"),
+                          build_plan(layout, "dense"), inputs)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     layout = tiny_layout(8, 16)
-    with pytest.raises(ValueError, match="fuse_lora"):
-        hier_forward(HierFlux2Transformer(model, backend="reference"), build_plan(layout), tiny_inputs(layout))
+    plan = build_plan(layout, get_policy("default", hires_to_guide="none", text_to_guide="none"))
+    inputs = tiny_inputs(layout)
+    a, b = (hier_forward(HierFlux2Transformer(styled(with_guide=w), backend="reference", cache_guide=False), plan,
+                         inputs) for w in (False, True))
+    assert torch.equal(a, b)

@@ -15,7 +15,6 @@ from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
 from ultragen.flux.blocks import linear
-from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.flux2.blocks import Mods, Streams, double_block, single_block
 from ultragen.flux2.ids import Rope, flux2_rope, sequence_ids
 from ultragen.layout import Segment
@@ -169,14 +168,6 @@ class HierFlux2Transformer(nn.Module):
         if not needs_guidance and guidance is not None:
             raise ValueError("this FLUX.2 model has no guidance embedding (klein; config guidance_embeds=false): "
                              "pass guidance=None and use CFG for the base models")
-        foreign = sorted(self._adapter_names() - {ADAPTER_NAME})
-        if foreign:
-            raise ValueError(
-                f"adapters {foreign} are loaded on the transformer; the hierarchical forward runs text and hires "
-                f"tokens through the base weights only, so they would silently act on the guide alone. Fuse them "
-                f"into the base weights first (diffusers: pipe.fuse_lora(); pipe.unload_lora_weights()), or load a "
-                f"guide LoRA with ultragen.flux2.lora.load_guide_lora"
-            )
 
     def _guide_mods(self, t: torch.Tensor, g: torch.Tensor | None) -> Mods:
         """The guide's modulation: the model's shared modulation layers at t = 0 (same guidance)."""
@@ -191,24 +182,19 @@ class HierFlux2Transformer(nn.Module):
             self._rope = (plan, device, self.ntk_factor, rope)
         return self._rope[3]
 
-    def _adapter_names(self) -> set[str]:
-        names: set[str] = set()
-        for module in self.transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                names.update(module.lora_A.keys() if hasattr(module, "lora_A") else module.active_adapters)
-        return names
-
     def _use_cache(self, plan: AttentionPlan) -> bool:
         return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
 
     def _adapter_fingerprint(self) -> tuple:
-        """Adapter state (active set, on/off, scales, weights by identity and in-place version) the guide's keys and
-        values depend on besides the inputs."""
+        """Adapter state (the guide LoRA's and any style LoRA's: present, active and merged sets, on/off, scales,
+        weights by identity and in-place version) the guide's keys and values depend on besides the inputs."""
         marks = []
         for module in self.transformer.modules():
             if isinstance(module, BaseTunerLayer):
                 scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
-                marks.append((id(module), tuple(module.active_adapters), module.disable_adapters, scaling))
+                present = tuple(getattr(module, "lora_A", {}).keys())
+                marks.append((id(module), present, tuple(module.active_adapters), tuple(module.merged_adapters),
+                              module.disable_adapters, scaling))
                 marks.extend((p.data_ptr(), p._version) for p in module.parameters())
         return tuple(marks)
 
