@@ -141,6 +141,9 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     image.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
     image.add_argument("--offload-text-encoders", action="store_true",
                        help="move the text encoders to the CPU after encoding (the peak memory it saves)")
+    image.add_argument("--style-lora-rank", type=whole_number, metavar="R",
+                       help="then again with a random rank-R style LoRA on every block linear (unfused): its time "
+                            "and peak memory against none, in the same JSON")
     image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json)")
     image.set_defaults(run=run_bench_image)
 
@@ -175,7 +178,7 @@ def run_bench_image(args: argparse.Namespace) -> int:
     from ultragen.bench.record import result_path, write_result
 
     result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8,
-                             offload_text_encoders=args.offload_text_encoders)
+                             offload_text_encoders=args.offload_text_encoders, style_lora_rank=args.style_lora_rank)
     print(f"wrote {write_result(args.out or result_path('image'), {'image': result})}")
     return 0
 

@@ -49,8 +49,10 @@ def random_flux_dev_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bf
 
 
 def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: bool = False, fp8: bool = False,
-                    offload_text_encoders: bool = False, log=print) -> dict:
-    """Generate one image twice (the first call compiles and warms up) and return the second call's stage times."""
+                    offload_text_encoders: bool = False, log=print, style_lora_rank: int | None = None) -> dict:
+    """Generate one image twice (the first call compiles and warms up) and return the second call's stage times.
+    ``style_lora_rank``: then load a random style LoRA of that rank on every block linear (unfused) and measure
+    again in the same process (result["style_lora"]: its stage times, peak memory and hires time ratio)."""
     from ultragen.pipeline import UltraGenPipeline
 
     start = time.perf_counter()
@@ -74,4 +76,22 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
               "guide_steps": out.config.guide_steps, "hires_steps": out.config.steps - out.config.warm_start_skip,
               "finite": bool(torch.isfinite(out.images).all())}
     log(result)
+    if style_lora_rank:
+        import tempfile
+
+        from ultragen.flux.style_lora import write_random_lora
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = write_random_lora(pipe.flux.transformer, style_lora_rank, f"{folder}/style.safetensors")
+            pipe.load_style_lora(path)
+        pipe("warm-up", **settings)  # recompiles the blocks for the adapter when compiled
+        torch.cuda.reset_peak_memory_stats()
+        styled = pipe("a lighthouse on a cliff at dawn, highly detailed", **settings)
+        times = {k: styled.timings_s.get(name, 0.0) for k, name in
+                 [("text", "encode"), ("guide", "guide"), ("hires", "hires"), ("decode", "decode")]}
+        result["style_lora"] = {"rank": style_lora_rank, "fused": False, "stages": times,
+                                "total_s": sum(times.values()), "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                                "hires_time_ratio": times["hires"] / stages["hires"],
+                                "finite": bool(torch.isfinite(styled.images).all())}
+        log(result["style_lora"])
     return result

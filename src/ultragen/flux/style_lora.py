@@ -162,3 +162,21 @@ def check_style_lora_file(spec: StyleLoraSpec) -> StyleLoraFile:
     lora = read_style_lora(spec)
     convert_flux_lora(lora)
     return lora
+
+
+def write_random_lora(transformer: torch.nn.Module, rank: int, path, seed: int = 0, std: float = 0.01,
+                      dtype: torch.dtype = torch.bfloat16):
+    """Write a random diffusers-format LoRA of ``rank`` on every linear layer of the transformer's double and single
+    blocks (the layers kohya FLUX LoRAs train) to ``path`` and return it: for benchmarks of a real-size style LoRA.
+    lora_A (r, in) and lora_B (out, r) are Gaussian with ``std``, in ``dtype``; made on the CPU."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        blocks = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        if blocks and isinstance(module, torch.nn.Linear) and ".base_layer" not in name and ".lora_" not in name:
+            for part, shape in (("lora_A", (rank, module.in_features)), ("lora_B", (module.out_features, rank))):
+                tensors[f"transformer.{name}.{part}.weight"] = (torch.randn(shape, generator=g) * std).to(dtype)
+    save_file(tensors, str(path))
+    return path
