@@ -2,7 +2,6 @@
 a rank that fails stops the others within seconds, leaving no file."""
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,3 +84,14 @@ def test_a_failing_rank_stops_the_others_within_seconds_and_no_file_is_written(o
     assert list(tmp_path.iterdir()) == [], "no file, partial or whole"
     errors = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert errors == ["ultragen generate: error on rank 1 of 2: out of memory (simulated)"], errors
+
+
+def test_parallel_outside_torchrun_says_how_to_start_it(tmp_path, capsys, monkeypatch):
+    from ultragen.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    status = main(["generate", "--model", "tiny-random", "--prompt", "a fox", "--width", "768", "--height", "768",
+                   "--out", str(tmp_path / "fox.png"), "--parallel", "halo", "--quiet"])
+    assert status == 2
+    assert "torchrun --nproc-per-node N -m ultragen.cli generate" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -105,6 +105,13 @@ def measure_row(comm: ProcessGroupContext, model, size_px: int, mode: ParallelMo
     )
 
 
+def _describe(row: ParallelStepRow) -> str:
+    return (f"{row.size:>11} {row.gpus} GPUs {row.parallel:<7} {row.backend:<7} compile={row.compile!s:<5} "
+            f"fp8={row.fp8!s:<5} {row.s_per_step:7.3f} s (1 GPU {row.one_gpu_s_per_step:.3f} s, x{row.speedup:.2f}, "
+            f"eff {row.scaling_efficiency:.0%}) comm {row.comm_s_per_step:.3f} s {row.bytes_per_step / 1e9:.2f} GB  "
+            f"{row.peak_gb:.1f} GB  err {row.rel_err_vs_one_gpu:.1e}")
+
+
 def run_parallel_step_bench(comm: ProcessGroupContext, sizes_px: Sequence[int], modes: Sequence[str],
                             backends: Sequence[str], compile_modes: Sequence[bool] = (False, True),
                             precisions: Sequence[str] = ("bf16", "fp8"), repeats: int = 2, log=print,
@@ -130,10 +137,7 @@ def run_parallel_step_bench(comm: ProcessGroupContext, sizes_px: Sequence[int], 
                         row = measure_row(comm, model, size, mode, backend, compiled, use_fp8, repeats, text_tokens,
                                           block_tokens, window_tokens)
                         rows.append(row)
-                        log(f"{row.size:>11} {row.gpus} GPUs {row.parallel:<7} {row.backend:<7} compile="
-                            f"{row.compile!s:<5} fp8={row.fp8!s:<5} {row.s_per_step:7.3f} s (1 GPU {row.one_gpu_s_per_step:.3f} s, "
-                            f"x{row.speedup:.2f}, eff {row.scaling_efficiency:.0%}) comm {row.comm_s_per_step:.3f} s "
-                            f"{row.bytes_per_step / 1e9:.2f} GB  {row.peak_gb:.1f} GB  err {row.rel_err_vs_one_gpu:.1e}")
+                        log(_describe(row))
                         if on_row:
                             on_row(rows)
             torch._dynamo.reset()

@@ -12,7 +12,7 @@ query blocks, renumbered). Text and guide rows are replicated, so each rank comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +67,13 @@ class HaloPlan:
     recv_blocks: tuple[torch.Tensor, ...]  # per source rank: global blocks received, ascending
     send_tokens: tuple[torch.Tensor, ...]  # per destination rank: positions in this rank's k / v to send
     plan: AttentionPlan  # over [text | hires shard | guide | received blocks]
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    def send_tokens_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``send_tokens`` on ``device`` (copied once)."""
+        if str(device) not in self._on_device:
+            self._on_device[str(device)] = tuple(t.to(device) for t in self.send_tokens)
+        return self._on_device[str(device)]
 
 
 def halo_plan(plan: AttentionPlan, shards: HiresShards, rank: int, guide_queried: bool) -> HaloPlan:
@@ -77,7 +84,7 @@ def halo_plan(plan: AttentionPlan, shards: HiresShards, rank: int, guide_queried
     recv = needed_blocks(plan, shards, rank, guide_queried)
     sends = []
     for dest in range(shards.world):
-        theirs = needed_blocks(plan, shards, dest, guide_queried)[rank] if dest != rank else torch.zeros(0, dtype=torch.long)
+        theirs = needed_blocks(plan, shards, dest, guide_queried)[rank]  # empty for dest == rank
         local_block = theirs - hires.start - lo + len(text)  # own blocks sit right after the text
         sends.append((local_block[:, None] * b + torch.arange(b)).reshape(-1))
     # global block -> position in [text | shard | guide | received]
@@ -111,7 +118,7 @@ def halo_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, halo: Halo
     ``[k | received]``. Returns (B, H, T + n + Gq, D)."""
     batch, heads, _, dim = q.shape
     b = halo.plan.block_tokens
-    chunks = [torch.stack([k[:, :, idx.to(k.device)], v[:, :, idx.to(v.device)]]) for idx in halo.send_tokens]
+    chunks = [torch.stack([k[:, :, idx], v[:, :, idx]]) for idx in halo.send_tokens_on(k.device)]
     per_token = 2 * batch * heads * dim
     recv = comm.all_to_all(torch.cat([c.reshape(-1) for c in chunks]), [c.numel() for c in chunks],
                            [len(blocks) * b * per_token for blocks in halo.recv_blocks])

@@ -52,8 +52,8 @@ def attention_call_bytes(plan: AttentionPlan, world: int, mode: ParallelMode | s
         text = plan.layout.text_tokens
         gq = plan.layout.guide_tokens if guide_queried else 0
         unit = batch * group * head_dim * elem_bytes
-        return tuple(3 * unit * sizes[r] * (world - 1) + unit * sum(text + gq + sizes[j] for j in range(world) if j != r)
-                     for r in range(world))
+        back = [sum(text + gq + sizes[j] for j in range(world) if j != r) for r in range(world)]
+        return tuple(3 * unit * sizes[r] * (world - 1) + unit * back[r] for r in range(world))
     per_token = 2 * batch * heads * head_dim * elem_bytes
     sent = [0] * world
     for dest in range(world):

@@ -49,7 +49,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     recv = comm.all_to_all(send, [row * n] * world, [row * s for s in shards.sizes])
     pieces = [c.view(3, batch, group, -1, dim) for c in recv.split([row * s for s in shards.sizes])]
     full = torch.cat(pieces, dim=3)  # (3, B, H/N, hires_tokens, D)
-    qf, kf, vf = (torch.cat([t[:, mine, :text], full[i], t[:, mine, text + n :]], dim=2) for i, t in enumerate((q, k, v)))
+    qf, kf, vf = (torch.cat([t[:, mine, :text], full[i], t[:, mine, text + n :]], dim=2)
+                  for i, t in enumerate((q, k, v)))
     out = attend(qf, kf, vf, plan, backend)  # (B, H/N, T + hires + Gq, D)
 
     # head shard -> sequence shard: to rank j, its hires rows and all replicated rows, for this rank's heads
