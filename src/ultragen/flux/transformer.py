@@ -70,6 +70,9 @@ class HierFluxTransformer(nn.Module):
     PEFT adapters: the guide LoRA (``ultragen.flux.lora.ADAPTER_NAME``) acts on guide tokens only; any other active
     adapter (a user's style LoRA, loaded with diffusers) acts on every stream, as in the stock model
     (``ultragen.flux.blocks.linear``).
+
+    ``parallel``: an ``ultragen.parallel.SequenceParallel`` to run the hires pass over several processes: this one
+    computes its run of windows (the input and output stay whole on every process), text and guide replicated.
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
