@@ -347,3 +347,17 @@ def test_each_image_record_names_every_lora_file_with_sha256_and_scale(tmp_path,
                  "scale": s} for p, s in [(style_file, 0.75), (second, 1.0)]]
     assert json.loads(out.with_suffix(".json").read_text())["lora_files"] == expected
     assert json.loads(Image.open(out).text["lora_files"]) == expected
+
+
+def test_a_guide_lora_loaded_after_a_style_lora_leaves_both_active_and_both_recorded(tmp_path, style_file):
+    from test_pipeline_cli import _lora_file
+
+    guide_path = _lora_file(tmp_path, rho=4, trained=True)
+    pipe = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
+    pipe.load_style_lora(style_file, scale=0.5)
+    pipe.load_lora(str(guide_path), pipe.make_config(height=SIZE, width=SIZE), allow_mismatch=True)
+    to_q = pipe.flux.transformer.transformer_blocks[0].attn.to_q
+    assert to_q.active_adapters == ["style1", "guide"] and to_q.scaling["style1"] == 0.5
+    kinds = [(r["kind"], r["path"], r["sha256"], r["scale"]) for r in pipe.lora_records()]
+    assert kinds == [("guide", str(guide_path.resolve()), hashlib.sha256(guide_path.read_bytes()).hexdigest(), 1.0),
+                     ("style", str(style_file.resolve()), hashlib.sha256(style_file.read_bytes()).hexdigest(), 0.5)]
