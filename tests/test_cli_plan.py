@@ -117,6 +117,8 @@ def test_every_option_named_in_a_message_exists():
     files = ["cli.py", "checks.py", "layout.py", "pipeline/config.py", "pipeline/job.py", "pipeline/loading.py",
              "pipeline/outputs.py", "pipeline/decode.py", "train/config.py", "train/commands.py", "train/prepare.py"]
     named = {m for f in files for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", (root / f).read_text())}
-    named -= {"--num_processes"}  # accelerate's, in `accelerate launch --num_processes 8 -m ultragen.cli train`
+    # other programs' options, in the commands that launch ultragen on several processes: `accelerate launch
+    # --num_processes 8 -m ultragen.cli train`, `torchrun --nproc-per-node N -m ultragen.cli generate`
+    named -= {"--num_processes", "--nproc-per-node"}
     assert named, "no options found: the scan is broken"
     assert named - _all_options(build_parser()) == set()
