@@ -7,7 +7,12 @@ of the flash-attn rule: a bf16 backend's max error may be at most twice it.
 """
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -208,6 +213,125 @@ def test_the_compiled_blocks_attention_op_keeps_its_stride_contract(heads_last_q
     torch.testing.assert_close(out, attend(q, k, v, plan, "reference"))
 
 
+# --- flex checks itself (CPU) ------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_flex_verdicts(monkeypatch):
+    """Forget this process's flex self-check verdicts for the test (restored after it)."""
+    from ultragen.attention import flex_check
+
+    monkeypatch.setattr(flex_check, "_VERDICTS", {})
+
+
+def _patch_compiled_flex(monkeypatch, result):
+    """Make the compiled FlexAttention call return ``result(real_output)``; returns the list of its calls."""
+    from ultragen.attention import flex
+
+    real, calls = flex._compiled_flex, []
+
+    def wrong(q, k, v, **kwargs):
+        calls.append(q.shape)
+        return result(real()(q, k, v, **kwargs))
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: wrong)
+    return calls
+
+
+@pytest.mark.parametrize("wrong", [lambda out: torch.full_like(out, float("nan")), lambda out: out * 1.01],
+                         ids=["nan", "one-percent-off"])
+def test_flex_that_disagrees_with_the_reference_is_refused_with_the_reason(monkeypatch, fresh_flex_verdicts, wrong):
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    calls = _patch_compiled_flex(monkeypatch, wrong)
+    with pytest.raises(RuntimeError, match=r"'flex' cannot run here: compiled FlexAttention disagreed with the "
+                                           r"reference on .*; use backend 'reference'"):
+        attend(q, k, v, plan, "flex")
+    assert len(calls) == 1  # only the self-check ran, not the real problem
+    with pytest.raises(RuntimeError, match="disagreed"):
+        attend(q, k, v, plan, "flex")
+    assert len(calls) == 1  # the verdict is cached: no second self-check
+
+
+def test_flex_that_fails_to_compile_is_refused_with_the_reason(monkeypatch, fresh_flex_verdicts):
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+
+    def broken(out):
+        raise RuntimeError("C++ compile error")
+
+    _patch_compiled_flex(monkeypatch, broken)
+    with pytest.raises(RuntimeError, match=r"compiled FlexAttention failed on .*: RuntimeError: C\+\+ compile error; "
+                                           r"use backend 'reference'"):
+        attend(q, k, v, plan, "flex")
+
+
+def test_auto_skips_a_flex_that_disagrees_and_logs_why(monkeypatch, fresh_flex_verdicts, caplog):
+    import ultragen.attention as attention
+
+    monkeypatch.setattr(attention, "_why_not_auto", lambda backend, q: None)  # as where auto would pick flex
+    plan = _tiny_plan()
+    q, k, v = _qkv(plan, dim=16, dtype=torch.float32)
+    assert pick_backend(q, k, v, plan) is Backend.FLEX  # the real flex agrees, so auto takes it
+    monkeypatch.setattr(attention.flex_check, "_VERDICTS", {})
+    _patch_compiled_flex(monkeypatch, lambda out: torch.full_like(out, float("nan")))
+    with caplog.at_level(logging.DEBUG, logger="ultragen.attention"):
+        assert pick_backend(q, k, v, plan) is Backend.REFERENCE
+    assert "flex skipped: compiled FlexAttention disagreed with the reference" in caplog.text
+
+
+def test_flex_with_avx2_code_matches_the_reference():
+    """In a process restricted to AVX2 (as on a CPU without AVX-512), whatever this machine has: inductor's AVX2
+    Q.K^T micro-GEMM wrote past the 8-token key block at head dim 16 (NaN or wrong output) until flex padded it."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"needs an x86 CPU with AVX2 (this one: {torch.backends.cpu.get_cpu_capability()})")
+    script = textwrap.dedent("""
+        import torch
+        from ultragen.attention import attend
+        from ultragen.attention.flex_check import _code_generation
+        from ultragen.layout import make_layout
+        from ultragen.policy import build_plan
+
+        plan = build_plan(make_layout(16 * 12, 16 * 8, window_tokens=4, rho=2, text_tokens=8, block_tokens=8))
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(1, 2, plan.layout.seq_tokens, 16, generator=gen) for _ in range(3))
+        out = attend(q, k, v, plan, "flex").double()
+        expected = attend(q.double(), k.double(), v.double(), plan, "reference")
+        print(_code_generation(q.device), torch.backends.cpu.get_cpu_capability(), (out - expected).abs().max().item())
+    """)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    isa, capability, err = done.stdout.split()
+    assert (isa, capability) == ("avx2", "AVX2")
+    assert float(err) < 1e-5
+
+
+# --- Triton's int32 offsets (checked on CPU, no kernel launched) ----------------------------------------------------
+@pytest.mark.parametrize(("heads", "head_dim"), [(24, 128), (1, 64), (3, 64)])
+def test_triton_int32_limit_is_at_its_boundary(heads, head_dim):
+    """The kernels add token x token-stride + dim in int32; with q, k, v as (B, S, H, D) views the token stride is
+    H x D, so S tokens are fine while S x H x D <= 2^31 - 1 (every offset, and the count, fit an int32)."""
+    from ultragen.attention.triton_bsa import why_not_triton
+
+    largest = (2**31 - 1) // (heads * head_dim)
+    q = torch.empty(1, heads, 128, head_dim, dtype=torch.bfloat16, device="meta")
+
+    def why(seq_tokens):
+        return why_not_triton(q, SimpleNamespace(layout=SimpleNamespace(seq_tokens=seq_tokens), block_tokens=128))
+
+    assert why(largest) == "needs a CUDA device, got 'meta'"  # past the int32 check: only the device is missing
+    assert why(largest + 1) == (f"{largest + 1} tokens x {heads} heads x {head_dim}: token offsets would overflow "
+                                "the kernel's int32 arithmetic (an image above about 13K px a side); use backend "
+                                "'flex' or a cascade")
+
+
+def test_triton_accepts_8k_and_refuses_16k_for_int32():
+    from ultragen.attention.triton_bsa import why_not_triton
+
+    q = torch.empty(1, 24, 16, 128, dtype=torch.bfloat16, device="meta")  # FLUX.1: 24 heads of 128
+    assert why_not_triton(q, build_plan(make_layout(8192, 8192), "default")) == "needs a CUDA device, got 'meta'"
+    assert "int32 arithmetic" in why_not_triton(q, build_plan(make_layout(16384, 16384), "default"))
+
+
 # --- GPU ---------------------------------------------------------------------------------------------------------
 def _poisoned_call(backend, q, k, v, plan):
     """Run ``backend``; where the kernel takes an output buffer, hand it one filled with NaN."""
@@ -339,13 +463,3 @@ def test_auto_on_cuda_is_an_exact_fast_backend():
     q = torch.randn(1, 2, plan.layout.seq_tokens, 128, device="cuda", dtype=torch.bfloat16)
     assert pick_backend(q, q, q, plan) in (Backend.TRITON, Backend.FLEX)
     assert pick_backend(q.float(), q.float(), q.float(), plan) is Backend.REFERENCE
-
-
-def test_triton_refuses_sequences_whose_offsets_overflow_int32():
-    from ultragen.attention.triton_bsa import why_not_triton
-
-    plan = build_plan(make_layout(16384, 16384), "default")
-    q = torch.empty(1, 24, 16, 128, dtype=torch.bfloat16, device="meta")
-    reason = why_not_triton(q, plan)
-    assert reason is not None and "int32" in reason
-    assert why_not_triton(q, build_plan(make_layout(8192, 8192), "default")) != reason

@@ -3,7 +3,8 @@
 Every backend computes the same function: softmax attention in which query block i reads exactly the key blocks
 ``plan`` allows. ``reference`` is dense masked SDPA (CPU and GPU, O(S^2), the ground truth for tests). A backend
 that is asked for by name and cannot run raises with the reason; ``auto`` picks the fastest one that can, and logs
-why the others were skipped.
+why the others were skipped. ``flex`` checks itself against the reference before its first use on a device, dtype,
+head dim and block size (:mod:`ultragen.attention.flex_check`); when it disagrees it cannot run, with that reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from enum import Enum
 import torch
 
 from ultragen.attention.flex import flex_attention_backend, why_not_flex
+from ultragen.attention.flex_check import flex_disagrees
 from ultragen.attention.reference import reference_attention
 from ultragen.attention.triton_bsa import triton_attention, triton_int8_attention, why_not_triton
 from ultragen.policy import AttentionPlan
@@ -45,6 +47,11 @@ _BACKEND_CHECKS: dict[Backend, Callable[[torch.Tensor, AttentionPlan], str | Non
     Backend.TRITON: why_not_triton,
     Backend.TRITON_INT8: why_not_triton,
 }
+# does the backend compute the right thing on this machine? Run only after the cheap checks pass (a check costs a
+# compile, once per key and process)
+_SELF_CHECKS: dict[Backend, Callable[[torch.Tensor, AttentionPlan], str | None]] = {
+    Backend.FLEX: flex_disagrees,
+}
 
 
 def parse_backend(name: Backend | str) -> Backend:
@@ -55,7 +62,13 @@ def parse_backend(name: Backend | str) -> Backend:
 
 
 def why_not(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
-    """None when ``backend`` can run these inputs, else the reason it cannot."""
+    """None when ``backend`` can run these inputs (and, for a self-checking backend, agreed with the reference on
+    this machine), else the reason it cannot."""
+    return _why_cannot(backend, q, k, v, plan) or _why_wrong(backend, q, plan)
+
+
+def _why_cannot(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> str | None:
+    """The cheap checks: shapes, dtypes, devices and what the backend supports."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]:
         return f"q, k, v must be (B, H, S, D) with one B, H, D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if k.shape[-2] != plan.layout.seq_tokens:
@@ -71,6 +84,11 @@ def why_not(backend: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return check(q, plan) if check else None
 
 
+def _why_wrong(backend: Backend, q: torch.Tensor, plan: AttentionPlan) -> str | None:
+    check = _SELF_CHECKS.get(backend)
+    return check(q, plan) if check else None
+
+
 def _why_not_auto(backend: Backend, q: torch.Tensor) -> str | None:
     """Reasons to skip a backend that could run, when picking automatically."""
     if backend is Backend.FLEX and q.device.type == "cpu":
@@ -80,7 +98,7 @@ def _why_not_auto(backend: Backend, q: torch.Tensor) -> str | None:
 
 def pick_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> Backend:
     for backend in _AUTO_ORDER:
-        reason = why_not(backend, q, k, v, plan) or _why_not_auto(backend, q)
+        reason = _why_cannot(backend, q, k, v, plan) or _why_not_auto(backend, q) or _why_wrong(backend, q, plan)
         if reason is None:
             return backend
         log.debug("attention backend %s skipped: %s", backend.value, reason)

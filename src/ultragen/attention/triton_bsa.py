@@ -28,6 +28,7 @@ from ultragen.policy import AttentionPlan
 HEAD_DIMS = (64, 128)
 BLOCKS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
+INT32_ELEMENTS = 2**31  # (B, H) offsets are int64 in the kernels; token x stride + dim offsets are int32
 K_MEAN_STRIDE = 8  # the smoothing mean is taken over every 8th token: any per-head constant keeps softmax exact
 
 
@@ -82,16 +83,24 @@ def why_not_triton(q: torch.Tensor, plan: AttentionPlan) -> str | None:
         return f"head dim {q.shape[-1]} unsupported; the kernels take {HEAD_DIMS}"
     if plan.block_tokens not in BLOCKS:
         return f"plan block of {plan.block_tokens} tokens unsupported; build the layout with block_tokens in {BLOCKS}"
-    heads, dim = q.shape[1], q.shape[-1]
-    if plan.layout.seq_tokens * heads * dim >= 2**31:
-        return (f"{plan.layout.seq_tokens} tokens x {heads} heads x {dim}: token offsets would overflow the kernel's "
-                f"int32 arithmetic (an image above about 13K px a side); use backend 'flex' or a cascade")
+    if reason := int32_overflow(plan.layout.seq_tokens, q.shape[1], q.shape[-1]):
+        return reason
     if q.device.type != "cuda":
         return f"needs a CUDA device, got {q.device.type!r}"
     if reason := triton_missing():
         return reason
     if q.stride(-1) != 1:
         return "the last dim of q, k, v must be contiguous (stride 1); call .contiguous()"
+    return None
+
+
+def int32_overflow(seq_tokens: int, heads: int, head_dim: int) -> str | None:
+    """None when every in-(batch, head) offset fits the kernels' int32 arithmetic, else why not. The largest such
+    offset is a token's row times the token stride (heads x head_dim when q, k, v are (B, S, H, D) views, as a FLUX
+    block passes them) plus the dim: below seq_tokens x heads x head_dim, which must stay below 2^31."""
+    if seq_tokens * heads * head_dim >= INT32_ELEMENTS:
+        return (f"{seq_tokens} tokens x {heads} heads x {head_dim}: token offsets would overflow the kernel's "
+                f"int32 arithmetic (an image above about 13K px a side); use backend 'flex' or a cascade")
     return None
 
 
