@@ -118,10 +118,11 @@ class SequenceParallel:
             per_plan[guide_queried] = halo_plan(plan, self.shards(plan.layout), self.rank, guide_queried)
         return per_plan[guide_queried]
 
-    def same_everywhere(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def same_everywhere(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """``tensors`` as rank 0 has them, on every rank (stage A's guide and the prompt: every rank computed them,
-        but the hires pass needs them bit-identical, which kernels need not guarantee across devices)."""
-        return tuple(self.comm.broadcast(t.contiguous()) for t in tensors)
+        but the hires pass needs them bit-identical, which kernels need not guarantee across devices); None stays
+        None (a family without a pooled prompt)."""
+        return tuple(None if t is None else self.comm.broadcast(t.contiguous()) for t in tensors)
 
     def writes_files(self) -> bool:
         """Wait until every rank gets here (fails if one died); True on rank 0, the one rank that writes."""
