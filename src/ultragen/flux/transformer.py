@@ -27,6 +27,7 @@ from ultragen.flux.blocks import (
 from ultragen.flux.rope import flux_rope
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
+from ultragen.step_cache import StepCache, StepCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class HierFluxTransformer(nn.Module):
 
     ``parallel``: an ``ultragen.parallel.SequenceParallel`` to run the hires pass over several processes: this one
     computes its run of windows (the input and output stay whole on every process), text and guide replicated.
+
+    ``step_cache`` (:meth:`set_step_cache`; off by default): First-Block-Cache over the hires pass
+    (``ultragen.step_cache``); not with ``parallel``.
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
@@ -94,6 +98,7 @@ class HierFluxTransformer(nn.Module):
         self._guide_cache: _GuideCache | None = None
         # ultragen.parallel.SequenceParallel: this process computes its windows of the hires pass, the others theirs
         self.parallel = parallel
+        self.step_cache = StepCache()  # off; set_step_cache turns it on (one fresh state per image)
 
     # --- public ------------------------------------------------------------------------------------------------
     def forward(
@@ -145,18 +150,19 @@ class HierFluxTransformer(nn.Module):
             def attention(q, k, v):
                 return attend(q, k, v, plan, self.backend, out=heads_last_output(q))
 
-        for i, block in enumerate(tr.transformer_blocks):
-            streams = self._run(double_block, block, streams, temb, block_rope, attention, guide_kv[i])
-        offset = len(tr.transformer_blocks)
-        if self._compiled is not None and len(tr.single_transformer_blocks):
-            # single blocks return views into their joint text + hires stream; hand the first one such views too,
-            # so one compiled graph serves them all (else a second compile for the others, per resolution)
-            text_tokens = streams.text.shape[1]
-            joint = torch.cat([streams.text, streams.hires], dim=1)
-            streams = Streams(joint[:, :text_tokens], joint[:, text_tokens:], streams.guide)
-        for i, block in enumerate(tr.single_transformer_blocks):
-            streams = self._run(single_block, block, streams, temb, block_rope, attention, guide_kv[offset + i])
-        out = tr.norm_out(streams.hires, temb.main)
+        def blocks(s: Streams, start: int, stop: int | None = None) -> Streams:
+            return self._blocks(s, start, stop, temb, block_rope, attention, guide_kv)
+
+        if self.step_cache.active():  # first block, then the rest or the cached residual of the rest
+            if self.parallel is not None:
+                raise ValueError("a step cache with --parallel is not supported (each rank would decide to skip "
+                                 "alone); leave out --cache or --parallel")
+            prompt = (encoder_hidden_states, pooled_projections)
+            hires_out = self.step_cache.run(plan, prompt, x, lambda: blocks(streams, 0, 1),
+                                            lambda s: blocks(s, 1), lambda s: s.hires)
+        else:
+            hires_out = blocks(streams, 0).hires
+        out = tr.norm_out(hires_out, temb.main)
         out = linear(tr.proj_out, out, adapted=False)
         return out if self.parallel is None else self.parallel.gather_hires(out, plan)
 
@@ -165,6 +171,16 @@ class HierFluxTransformer(nn.Module):
         Also needed after editing base weights in place (e.g. fusing another LoRA into them)."""
         self._guide_cache = None
         self._rope = None
+
+    def set_step_cache(self, config: StepCacheConfig | str) -> StepCache:
+        """Start a fresh step cache (``ultragen.step_cache``: "off", "fbcache", "fbcache:0.08"; call before each
+        image). The guide's keys/values cache is independent of it: the first block, run every step, reads them."""
+        cache = StepCache(config)
+        if cache.config.enabled and self.parallel is not None:
+            raise ValueError("a step cache with --parallel is not supported (each rank would decide to skip "
+                             "alone); leave out --cache or --parallel")
+        self.step_cache = cache
+        return cache
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -262,6 +278,28 @@ class HierFluxTransformer(nn.Module):
         for block in tr.single_transformer_blocks:
             streams = single_block(block, streams, temb, rope_guide, attention, ff_chunk_tokens=chunk)
         return kv
+
+    def _blocks(self, streams: Streams, start: int, stop: int | None, temb: Temb, rope: Rope, attention,
+                guide_kv: list) -> Streams:
+        """Run blocks ``start`` .. ``stop`` - 1 (None: to the end) of the double blocks followed by the single
+        blocks."""
+        tr = self.transformer
+        doubles = len(tr.transformer_blocks)
+        stop = doubles + len(tr.single_transformer_blocks) if stop is None else stop
+        for i in range(start, stop):
+            if i < doubles:
+                streams = self._run(double_block, tr.transformer_blocks[i], streams, temb, rope, attention,
+                                    guide_kv[i])
+                continue
+            if i == doubles and self._compiled is not None:
+                # single blocks return views into their joint text + hires stream; hand the first one such views
+                # too, so one compiled graph serves them all (else a second compile for the others, per resolution)
+                text_tokens = streams.text.shape[1]
+                joint = torch.cat([streams.text, streams.hires], dim=1)
+                streams = Streams(joint[:, :text_tokens], joint[:, text_tokens:], streams.guide)
+            streams = self._run(single_block, tr.single_transformer_blocks[i - doubles], streams, temb, rope,
+                                attention, guide_kv[i])
+        return streams
 
     def _run(self, fn, block, streams: Streams, temb: Temb, rope: Rope, attention, guide_kv) -> Streams:
         chunk = self.ff_chunk_tokens

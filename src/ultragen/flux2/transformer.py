@@ -19,6 +19,7 @@ from ultragen.flux2.blocks import Mods, Streams, double_block, single_block
 from ultragen.flux2.ids import Rope, flux2_rope, sequence_ids
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
+from ultragen.step_cache import StepCache, StepCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class HierFlux2Transformer(nn.Module):
     reproduces the stock model; the authors use 1 for klein-9B and 10 at inference for klein-base-9B).
     ``cache_guide``: when the plan's guide attends only to itself, compute its per-layer keys and values once
     (in a diffusers ``Flux2KVCache``) and reuse them in every step and CFG branch while the plan, the guide latent,
-    the guidance value and the LoRA stay the same (never while gradients are on).
+    the guidance value and the LoRA stay the same (never while gradients are on). ``step_cache``
+    (:meth:`set_step_cache`; off by default): First-Block-Cache over the hires pass (``ultragen.step_cache``).
     """
 
     def __init__(self, transformer: nn.Module, backend: Backend | str = Backend.AUTO, ntk_factor: float = 1.0,
@@ -69,6 +71,7 @@ class HierFlux2Transformer(nn.Module):
         self._compiled: dict | None = None
         self._rope: tuple | None = None  # (plan, device, ntk, Rope)
         self._guide_cache: tuple | None = None  # (plan, key inputs, Flux2KVCache)
+        self.step_cache = StepCache()  # off; set_step_cache turns it on (one fresh state per image)
 
     # --- public ------------------------------------------------------------------------------------------------
     def forward(
@@ -116,24 +119,28 @@ class HierFlux2Transformer(nn.Module):
             def attention(q, k, v):
                 return attend(q, k, v, plan, self.backend, out=heads_last_output(q))
 
-        for i, block in enumerate(tr.transformer_blocks):
-            kv = cache.get_double(i) if cache is not None else None
-            streams = self._run(double_block, block, streams, main, guide_mods, rope, attention, kv)
-        if self._compiled is not None and len(tr.single_transformer_blocks):
-            # single blocks return views of their joint text + hires stream; give the first one such views too,
-            # so one compiled graph serves them all
-            joint = torch.cat([streams.text, streams.hires], dim=1)
-            streams = Streams(joint[:, : text.shape[1]], joint[:, text.shape[1] :], streams.guide)
-        for i, block in enumerate(tr.single_transformer_blocks):
-            kv = cache.get_single(i) if cache is not None else None
-            streams = self._run(single_block, block, streams, main, guide_mods, rope, attention, kv)
-        return tr.proj_out(tr.norm_out(streams.hires, temb))
+        def blocks(s: Streams, start: int, stop: int | None = None) -> Streams:
+            return self._blocks(s, start, stop, main, guide_mods, rope, attention, cache)
+
+        if self.step_cache.active():  # first block, then the rest or the cached residual of the rest
+            hires_out = self.step_cache.run(plan, (encoder_hidden_states,), x, lambda: blocks(streams, 0, 1),
+                                            lambda s: blocks(s, 1), lambda s: s.hires)
+        else:
+            hires_out = blocks(streams, 0).hires
+        return tr.proj_out(tr.norm_out(hires_out, temb))
 
     def clear_guide_cache(self) -> None:
         """Forget the cached guide keys/values and the rotary tables (call after each image to free their memory).
         Also needed after editing base weights in place (e.g. fusing another LoRA into them)."""
         self._guide_cache = None
         self._rope = None
+
+    def set_step_cache(self, config: StepCacheConfig | str) -> StepCache:
+        """Start a fresh step cache (``ultragen.step_cache``: "off", "fbcache", "fbcache:0.08"; call before each
+        image). CFG's two calls per step keep two states (told apart by their prompt embeddings); the guide's
+        keys/values cache is independent of it: the first block, run every step, reads them."""
+        self.step_cache = StepCache(config)
+        return self.step_cache
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -229,6 +236,29 @@ class HierFlux2Transformer(nn.Module):
         for block in tr.single_transformer_blocks:
             streams = single_block(block, streams, mods, mods, rope_guide, attention)
         return cache
+
+    def _blocks(self, streams: Streams, start: int, stop: int | None, main: Mods, guide: Mods | None, rope: Rope,
+                attention, cache: Flux2KVCache | None) -> Streams:
+        """Run blocks ``start`` .. ``stop`` - 1 (None: to the end) of the double blocks followed by the single
+        blocks."""
+        tr = self.transformer
+        doubles = len(tr.transformer_blocks)
+        stop = doubles + len(tr.single_transformer_blocks) if stop is None else stop
+        for i in range(start, stop):
+            if i < doubles:
+                kv = cache.get_double(i) if cache is not None else None
+                streams = self._run(double_block, tr.transformer_blocks[i], streams, main, guide, rope, attention, kv)
+                continue
+            if i == doubles and self._compiled is not None:
+                # single blocks return views of their joint text + hires stream; give the first one such views too,
+                # so one compiled graph serves them all
+                text_tokens = streams.text.shape[1]
+                joint = torch.cat([streams.text, streams.hires], dim=1)
+                streams = Streams(joint[:, :text_tokens], joint[:, text_tokens:], streams.guide)
+            kv = cache.get_single(i - doubles) if cache is not None else None
+            streams = self._run(single_block, tr.single_transformer_blocks[i - doubles], streams, main, guide, rope,
+                                attention, kv)
+        return streams
 
     def _run(self, fn, block, streams: Streams, main: Mods, guide: Mods | None, rope: Rope, attention, kv) -> Streams:
         if self.gradient_checkpointing and torch.is_grad_enabled():
