@@ -140,7 +140,8 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
     model = random_flux(config, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     rows: list[StepRow] = []
     reference: dict[str, torch.Tensor] = {}
-    use = [p == "fp8" for p in precisions]
+    # bf16 first whatever the order given: FP8 converts the model in place, so a bf16 row after it would time FP8
+    use = sorted({p == "fp8" for p in precisions})
     if True in use and fp8_unavailable():
         log(f"FP8 skipped: {fp8_unavailable()}")
         use = [u for u in use if not u]
