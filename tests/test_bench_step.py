@@ -30,7 +30,7 @@ def test_step_bench_smoke_on_cpu(monkeypatch):
         time.sleep(0.1)
         return dense_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", SlowHier)
+    monkeypatch.setattr("ultragen.flux.HierFluxTransformer", SlowHier)
     monkeypatch.setattr(FluxTransformer2DModel, "forward", slow_dense)
     config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
     logs = []
@@ -74,7 +74,7 @@ def test_step_bench_measures_each_ff_chunk_variant(tmp_path, monkeypatch):
             used.append(self.ff_chunk_tokens)
             return super().forward(*args, **kwargs)
 
-    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", Recording)
+    monkeypatch.setattr("ultragen.flux.HierFluxTransformer", Recording)
     config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
     rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16",), config=config,
                           device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=1, log=lambda _: None,
@@ -128,7 +128,7 @@ def test_step_bench_measures_with_and_without_the_guide_cache(tmp_path, monkeypa
             passes.append(self.cache_guide)
             return super()._guide_pass(*args, **kwargs)
 
-    monkeypatch.setattr("ultragen.bench.step.HierFluxTransformer", Recording)
+    monkeypatch.setattr("ultragen.flux.HierFluxTransformer", Recording)
     config = {k: v for k, v in dict(tiny_flux().config).items() if k in _TINY_KEYS}
     rows = run_step_bench([256], ["reference"], compile_modes=(False,), precisions=("bf16",), config=config,
                           device="cpu", text_tokens=8, block_tokens=8, window_tokens=4, repeats=2, log=lambda _: None,

@@ -111,6 +111,9 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                            help="JSON path (default bench/results/attention-<gpu>-<yyyymmdd>.json)")
     attention.set_defaults(run=run_bench_attention)
     step = which.add_parser("step", help="seconds per transformer step and peak memory, dense vs hierarchical")
+    step.add_argument("--family", default="flux1", help="model family: flux1 (default) or flux2 (FLUX.2 [klein])")
+    step.add_argument("--config", default=None,
+                      help="architecture (random weights): flux1: dev (default); flux2: klein-4b (default), klein-9b")
     step.add_argument("--sizes", nargs="+", type=whole_number, default=[1024, 2048, 4096, 8192], metavar="PX",
                       help="square sizes in pixels (default: 1024 2048 4096 8192)")
     step.add_argument("--backends", nargs="+", default=["flex", "triton", "triton-int8"],
@@ -128,7 +131,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                            "and/or computed in every step (off) (default: on)")
     step.add_argument("--dense-compile-max-px", type=whole_number, default=8192,
                       help="skip the compiled dense step above this size (an 8K dense step takes ~90 s)")
-    step.add_argument("--out", default=None, help="JSON path (default bench/results/step-<gpu>-<yyyymmdd>.json)")
+    step.add_argument("--out", default=None,
+                      help="JSON path (default bench/results/step-<config>-<gpu>-<yyyymmdd>.json)")
     step.add_argument("--parallel", nargs="+", choices=["ulysses", "halo"],
                       help="under `torchrun --nproc-per-node N`: the hierarchical step sharded over the N GPUs in these "
                            "modes, against one GPU (speedup, scaling efficiency, communication time and bytes per "
@@ -156,19 +160,23 @@ def run_bench_step(args: argparse.Namespace) -> int:
 
         return run_bench_step_parallel(args)
 
+    from ultragen.bench import step as bench_step
+    from ultragen.bench.models import bench_config
     from ultragen.bench.record import result_path, write_result
-    from ultragen.bench.step import run_step_bench, speedups
 
-    path = args.out or result_path("step")
+    name, architecture = bench_config(args.family, args.config)
+    path = args.out or result_path(f"step-{name}")
+    model = {"family": args.family, "config": name}
 
     def save(rows) -> None:  # after every row: a run cut short still leaves its measurements
-        write_result(path, {"rows": [asdict(r) for r in rows], "speedups": speedups(rows)})
+        write_result(path, {"model": model, "rows": [asdict(r) for r in rows], "speedups": bench_step.speedups(rows)})
 
-    run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
+    bench_step.run_step_bench(args.sizes, args.backends, [mode == "compiled" for mode in args.compile],
                    precisions=args.precisions, dense=not args.no_dense,
                    dense_compile_max_px=args.dense_compile_max_px, on_row=save,
                    ff_chunk_tokens=[n or None for n in dict.fromkeys(args.ff_chunk_tokens)],
-                   guide_cache=[c == "on" for c in dict.fromkeys(args.guide_cache)])
+                   guide_cache=[c == "on" for c in dict.fromkeys(args.guide_cache)], family=args.family,
+                   config=architecture)
     print(f"wrote {path}")
     return 0
 
@@ -219,24 +227,38 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
     from ultragen.layout import GUIDE_OFFSET_HELP
     from ultragen.policy import POLICY_HELP
 
-    gen.add_argument("--model", required=True, help="Hugging Face id, local diffusers folder, or tiny-random")
+    gen.add_argument("--model", required=True,
+                     help="Hugging Face id or local diffusers folder of a FLUX.1 or FLUX.2 [klein] model (family read "
+                          "from its model_index.json), or tiny-random / tiny-random-klein / tiny-random-klein-base")
     gen.add_argument("--prompt", help="what to draw")
     gen.add_argument("--prompts-file", help="text file, one prompt per line ('#' comments); seeds count up")
     gen.add_argument("--width", type=whole_number, required=True, help="image width in pixels (multiple of 16)")
     gen.add_argument("--height", type=whole_number, required=True, help="image height in pixels (multiple of 16)")
     gen.add_argument("--seed", type=whole_number, default=0, help="seed of the first prompt (default 0)")
-    gen.add_argument("--steps", type=whole_number, help="N, hires schedule length (dev: 28, schnell: 4)")
-    gen.add_argument("--guide-steps", type=whole_number, help="stage-A steps (dev: 28, schnell: 4)")
-    gen.add_argument("--warm-start-skip", type=whole_number, help="k, hires steps skipped (dev: 10, schnell: 1)")
+    gen.add_argument("--steps", type=whole_number,
+                     help="N, hires schedule length (dev: 28, schnell: 4, klein: 4, klein-base: 28)")
+    gen.add_argument("--guide-steps", type=whole_number,
+                     help="stage-A steps (dev: 28, schnell: 4, klein: 4, klein-base: 50)")
+    gen.add_argument("--warm-start-skip", type=whole_number,
+                     help="k, hires steps skipped by the warm start (dev: 10, schnell: 1; klein: 0, i.e. off, the "
+                          "hires stage starts from noise: the authors switch warm start off for klein, and of 4 "
+                          "distilled steps a skipped one is a quarter of the schedule)")
     gen.add_argument("--guidance", type=float, help="hires guidance embedding (dev: 4.5)")
     gen.add_argument("--guide-guidance", type=float, help="stage-A guidance embedding (dev: 3.5)")
+    gen.add_argument("--cfg", type=float, metavar="SCALE",
+                     help="classifier-free guidance scale of the hires pass, FLUX.2 klein-base models only (default 4; "
+                          "both branches through the hierarchical transformer, sharing the cached guide)")
+    gen.add_argument("--guide-cfg", type=float, metavar="SCALE", help="the same for stage A (klein-base: 4)")
+    gen.add_argument("--negative-prompt", default="", help="what CFG steers away from (klein-base; default empty)")
     gen.add_argument("--rho", type=whole_number, help="guide downscale per side (default: the LoRA's, else 4)")
     gen.add_argument("--window", type=whole_number, help="window side in tokens (default: the LoRA's, else 16)")
     gen.add_argument("--block-tokens", type=whole_number,
                      help="attention block size in tokens (default: the LoRA's, else 128)")
     gen.add_argument("--policy", help=POLICY_HELP + " (default: the LoRA's, else default)")
     gen.add_argument("--backend", default="auto", help="attention backend (default auto)")
-    gen.add_argument("--shift", type=float, help="static shift of the hires schedule (default: the model's)")
+    gen.add_argument("--shift", type=float,
+                     help="static shift of the hires schedule (default: the model's; klein: its resolution-dependent "
+                          "shift)")
     gen.add_argument("--sharpen", type=float, default=0.5, help="warm-start unsharp-mask strength (default 0.5)")
     gen.add_argument("--ntk", type=float, help="RoPE NTK factor of the hires pass (default: the LoRA's, else 1)")
     gen.add_argument("--guide-offset-tokens", type=float, help=GUIDE_OFFSET_HELP + " (default: the LoRA's)")
@@ -303,7 +325,8 @@ def run_generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         height_px=args.height, width_px=args.width, model=args.model, seed=args.seed, steps=args.steps,
         guide_steps=args.guide_steps, warm_start_skip=args.warm_start_skip, guidance_scale=args.guidance,
-        guide_guidance_scale=args.guide_guidance, backend=args.backend, shift=args.shift,
+        guide_guidance_scale=args.guide_guidance, true_cfg_scale=args.cfg, guide_true_cfg_scale=args.guide_cfg,
+        negative_prompt=args.negative_prompt, backend=args.backend, shift=args.shift,
         sharpen_strength=args.sharpen, cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
         ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache, **given,

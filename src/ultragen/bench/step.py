@@ -1,7 +1,9 @@
-"""``ultragen bench step``: seconds per transformer step and peak memory, dense FLUX vs hierarchical, in one run.
+"""``ultragen bench step``: seconds per transformer step and peak memory, dense vs hierarchical, in one run.
 
-The real FLUX.1-dev architecture with random bf16 weights, batch 1, text 512. Dense: the stock diffusers model with
-cuDNN SDPA over the plain FLUX sequence. Hierarchical: ``HierFluxTransformer`` with each attention backend, the
+A real architecture (``--family flux1 --config dev``: FLUX.1-dev, the default; ``--family flux2 --config
+klein-4b|klein-9b``; :data:`ultragen.bench.models.CONFIGS`) with random bf16 weights, batch 1, text 512. Dense: the
+stock diffusers model (FluxTransformer2DModel / Flux2Transformer2DModel) with cuDNN SDPA over the plain sequence.
+Hierarchical: the family's hierarchical transformer with each attention backend, the
 guide cache warm (its one pass per image is not a step). Each configuration eager and compiled (regional
 ``torch.compile`` of the blocks), then the same with FP8 linears (torchao), whose step output is also compared with
 the bf16 one (relative L2 error). Times are wall-clock medians (device synchronised) after a warm-up call.
@@ -19,8 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ultragen.bench.models import FLUX1_DEV, random_flux, random_inputs
-from ultragen.flux import HierFluxTransformer
+from ultragen.bench.models import FLUX1_DEV
+from ultragen.family import family_named
 from ultragen.flux.blocks import check_ff_chunk_tokens
 from ultragen.flux.fp8 import fp8_unavailable, quantize_blocks_fp8
 from ultragen.layout import make_layout
@@ -73,34 +75,30 @@ def _peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 
 
-def _dense_call(model, size_px: int, text_tokens: int, block_tokens: int,
+def _dense_call(family, model, size_px: int, text_tokens: int, block_tokens: int,
                 window_tokens: int) -> Callable[[], torch.Tensor]:
     layout = make_layout(size_px, size_px, rho=None, text_tokens=text_tokens, block_tokens=block_tokens,
                          window_tokens=window_tokens)
-    inputs = random_inputs(model, layout.hires_tokens, 0, text_tokens)
+    inputs = family.random_step_inputs(model, layout)
     kernel = [SDPBackend.CUDNN_ATTENTION] if model.device.type == "cuda" else [SDPBackend.MATH]
-    raster_ids = layout.hires_to_raster(layout.hires_ids()[None])[0].to(model.device)
-    text_ids = layout.text_ids().to(model.device)
 
     def call():
         with torch.no_grad(), sdpa_kernel(kernel):
-            return model(hidden_states=inputs["hires"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                         pooled_projections=inputs["pooled_projections"], timestep=inputs["timestep"],
-                         img_ids=raster_ids, txt_ids=text_ids, guidance=inputs["guidance"]).sample
+            return family.dense_step(model, inputs, layout)
 
     return call
 
 
-def _hier_call(hier: HierFluxTransformer, size_px: int, text_tokens: int, block_tokens: int,
+def _hier_call(family, hier, size_px: int, text_tokens: int, block_tokens: int,
                window_tokens: int) -> Callable[[], torch.Tensor]:
     layout = make_layout(size_px, size_px, text_tokens=text_tokens, block_tokens=block_tokens,
                          window_tokens=window_tokens)
     plan = build_plan(layout)
-    inputs = random_inputs(hier.transformer, layout.hires_tokens, layout.guide_tokens, text_tokens)
+    inputs = family.random_step_inputs(hier.transformer, layout)
 
     def call():
         with torch.no_grad():
-            return hier(plan=plan, **inputs)
+            return family.hier_step(hier, inputs, plan)
 
     return call
 
@@ -129,15 +127,21 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                    device: str = "cuda", text_tokens: int = 512, block_tokens: int = 128,
                    window_tokens: int = 16, on_row: Callable[[list[StepRow]], None] | None = None,
                    ff_chunk_tokens: Sequence[int | None] = (None,),
-                   guide_cache: Sequence[bool] = (True,)) -> list[StepRow]:
+                   guide_cache: Sequence[bool] = (True,), family: str = "flux1") -> list[StepRow]:
     """Every configuration at every size; bf16 first, then the model is converted to FP8 and measured again.
     ``on_row(rows)`` is called after every measurement (to save partial results of a long run).
     ``ff_chunk_tokens``: the hierarchical variants to measure (None: unchunked; N: feed-forward over N-token chunks);
     ``guide_cache``: with (True) and/or without (False) the guide cache, each combined with every chunk size.
+    ``family``: the model family whose ``config`` architecture is measured (``ultragen.family``).
     (``config``, ``device`` and the geometry arguments exist for a CPU smoke run with a tiny model.)"""
     for chunk in ff_chunk_tokens:
         check_ff_chunk_tokens(chunk)  # before the model loads
-    model = random_flux(config, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    fam = family_named(family)
+    if fam.name != "flux1" and any(ff_chunk_tokens):
+        raise ValueError(f"--ff-chunk-tokens variants are measured for FLUX.1 only ({fam.title}'s hierarchical blocks "
+                         f"run the feed-forward whole); leave the option out")
+    model = fam.random_transformer(config, device=device,
+                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     rows: list[StepRow] = []
     reference: dict[str, torch.Tensor] = {}
     # bf16 first whatever the order given: FP8 converts the model in place, so a bf16 row after it would time FP8
@@ -157,7 +161,7 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
             for backend in backends:
                 for chunk in chunks:
                     for cache in guide_cache:
-                        hier = HierFluxTransformer(model, backend=backend, ff_chunk_tokens=chunk, cache_guide=cache)
+                        hier = fam.hierarchical(model, backend=backend, ff_chunk_tokens=chunk, cache_guide=cache)
                         if compiled:
                             hier.compile_blocks()
                         hiers[backend, chunk, cache] = hier
@@ -168,7 +172,7 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                 for (backend, chunk, cache), hier in hiers.items():
                     label = dict(size=name, mode="hier", backend=backend, compile=compiled, fp8=use_fp8,
                                  ff_chunk_tokens=chunk, guide_cache=cache)
-                    row, out = _measure(label, _hier_call(hier, size, text_tokens, block_tokens, window_tokens), repeats, log)
+                    row, out = _measure(label, _hier_call(fam, hier, size, text_tokens, block_tokens, window_tokens), repeats, log)
                     if row is None:
                         continue
                     key = f"{name}/{backend}/{compiled}/{chunk}/{cache}"
@@ -185,7 +189,7 @@ def run_step_bench(sizes_px: Sequence[int] = SIZES_PX, backends: Sequence[str] =
                     label = dict(size=name, mode="dense", backend="cudnn", compile=compiled, fp8=use_fp8)
                     once = size >= 8192  # about 90 s a step: eager runs are timed cold, compiled ones once
                     dense_repeats = (1 if compiled else 0) if once else repeats
-                    row, _ = _measure(label, _dense_call(model, size, text_tokens, block_tokens, window_tokens),
+                    row, _ = _measure(label, _dense_call(fam, model, size, text_tokens, block_tokens, window_tokens),
                                       dense_repeats, log)
                     if row is not None:
                         rows.append(row)

@@ -15,28 +15,37 @@ from ultragen.checks import check_float, check_int
 from ultragen.layout import HierLayout, make_layout
 from ultragen.policy import get_policy
 
-MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context (diffusers' FluxPipeline refuses more)
+MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context (diffusers' FluxPipeline refuses more); FLUX.2 klein's prompt length
 MAX_CASCADE_LEVELS = 3  # 3 hierarchical passes at rho 4 is 64x the pixels of the guide: already absurd
 
 
-class ModelFamily(str, Enum):
-    """What kind of FLUX.1 checkpoint is loaded; it decides the defaults."""
+class ModelVariant(str, Enum):
+    """Which variant of a model family is loaded; it decides the defaults (the family itself is
+    :class:`ultragen.family.ModelFamily`)."""
 
     FLUX1_DEV = "flux1-dev"  # guidance-distilled: a guidance embedding, ~28 steps
     FLUX1_SCHNELL = "flux1-schnell"  # timestep-distilled: no guidance embedding, 4 steps
+    FLUX2_KLEIN = "flux2-klein"  # klein-4B / -9B: step-distilled, 4 steps, no CFG, no guidance embedding
+    FLUX2_KLEIN_BASE = "flux2-klein-base"  # klein-base-4B / -9B: CFG against a negative prompt
+
+
+ModelFamily = ModelVariant  # the former name of this enum (FLUX.1 was the only family)
 
 
 @dataclass(frozen=True)
 class ModelDefaults:
     """The values a ``None`` field of :class:`GenerationConfig` takes for one model family."""
 
-    family: ModelFamily
+    family: ModelVariant  # the variant (the field keeps its first name: records call it model_family)
     steps: int
     guide_steps: int
     warm_start_skip: int
     guidance_scale: float | None  # None: the model has no guidance embedding
     guide_guidance_scale: float | None
     text_tokens: int
+    true_cfg_scale: float | None = None  # classifier-free guidance of the hires pass; None: no CFG
+    guide_true_cfg_scale: float | None = None  # the same for stage A
+    shift: float | None = None  # static hires shift; None: the family's own schedule (FLUX.1 fills it in)
 
 
 # FLUX.1-dev: the authors' paper settings (research/authors_repo.md section 5.5): a 28-step guide at guidance 3.5,
@@ -49,17 +58,24 @@ class ModelDefaults:
 FAMILY_DEFAULTS: dict[ModelFamily, ModelDefaults] = {
     ModelFamily.FLUX1_DEV: ModelDefaults(ModelFamily.FLUX1_DEV, 28, 28, 10, 4.5, 3.5, 512),
     ModelFamily.FLUX1_SCHNELL: ModelDefaults(ModelFamily.FLUX1_SCHNELL, 4, 4, 1, None, None, 256),
+    # FLUX.2 [klein]'s variants: built from ultragen.flux2.schedule by ultragen.flux2.family (klein_defaults)
 }
 
 def model_defaults(guidance_embeds: bool, max_text_tokens: int | None) -> ModelDefaults:
     """The defaults of a FLUX.1 model from its transformer's ``guidance_embeds`` and its T5 tokenizer's
     ``model_max_length`` (text tokens: whole 128-token blocks, at most what the tokenizer allows)."""
     base = FAMILY_DEFAULTS[ModelFamily.FLUX1_DEV if guidance_embeds else ModelFamily.FLUX1_SCHNELL]
+    return capped_text(base, max_text_tokens)
+
+
+def capped_text(base: ModelDefaults, max_text_tokens: int | None) -> ModelDefaults:
+    """``base`` with text tokens in whole 128-token blocks, at most what the tokenizer allows."""
     limit = base.text_tokens if max_text_tokens is None else min(base.text_tokens, max_text_tokens)
     return replace(base, text_tokens=max(128, limit // 128 * 128))
 
 
-_DEFAULTED = ("steps", "guide_steps", "warm_start_skip", "guidance_scale", "guide_guidance_scale", "text_tokens")
+_DEFAULTED = ("steps", "guide_steps", "warm_start_skip", "guidance_scale", "guide_guidance_scale", "text_tokens",
+              "true_cfg_scale", "guide_true_cfg_scale", "shift")
 
 
 @dataclass(frozen=True)
@@ -81,12 +97,20 @@ class GenerationConfig:
     warm_start_skip: int | None = None
     guidance_scale: float | None = None
     guide_guidance_scale: float | None = None
+    # classifier-free guidance (FLUX.2 klein-base): the velocity of the prompt against that of ``negative_prompt``,
+    # both through the hierarchical transformer with the same cached guide; None: the model's default (none for
+    # distilled models, which refuse it)
+    true_cfg_scale: float | None = None
+    guide_true_cfg_scale: float | None = None
+    negative_prompt: str = ""
     rho: int = 4
     window_tokens: int = 16
     block_tokens: int = 128  # attention block (and guide tile) size in tokens
     policy: str = "default"
     backend: str = "auto"
-    shift: float | None = None  # static shift of the hires schedule; None: the model scheduler's ``shift``
+    # static shift of the hires schedule; None: the model's (FLUX.1: its scheduler's ``shift``; FLUX.2: the stock
+    # resolution-dependent shift of the hires image, diffusers' compute_empirical_mu)
+    shift: float | None = None
     guide_dynamic_shift: bool = True  # stage A as the stock FluxPipeline does it (resolution-dependent mu)
     sharpen_strength: float = 0.5  # unsharp mask x + s * (x - blur(x)) on the upsampled guide latent
     sharpen_sigma_latent_px: float = 1.0  # blur sigma in latent pixels (8 image px each)
@@ -146,7 +170,7 @@ class GenerationConfig:
 
     def is_resolved(self) -> bool:
         """True once the model defaults are filled (guidance stays None for models without a guidance embedding)."""
-        return None not in (self.steps, self.guide_steps, self.warm_start_skip, self.text_tokens, self.shift)
+        return None not in (self.steps, self.guide_steps, self.warm_start_skip, self.text_tokens)
 
     def resolved(self, defaults: ModelDefaults) -> GenerationConfig:
         """A copy with every ``None`` default filled from ``defaults``; checks settings that need the model."""
@@ -157,6 +181,17 @@ class GenerationConfig:
                         f"{name}={getattr(self, name)} has no effect: this {defaults.family.value} model has no "
                         f"guidance embedding; leave it out"
                     )
+        if defaults.true_cfg_scale is None:
+            for name in ("true_cfg_scale", "guide_true_cfg_scale"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} has no effect: this {defaults.family.value} model runs without "
+                        f"classifier-free guidance (a distilled model); leave it out, or use a base model "
+                        f"(e.g. black-forest-labs/FLUX.2-klein-base-4B)"
+                    )
+            if self.negative_prompt:
+                raise ValueError(f"negative_prompt={self.negative_prompt!r} has no effect: this "
+                                 f"{defaults.family.value} model runs without classifier-free guidance; leave it out")
         filled = {name: getattr(defaults, name) for name in _DEFAULTED if getattr(self, name) is None}
         return replace(self, **filled)
 
@@ -188,6 +223,11 @@ def _validate(c: GenerationConfig) -> None:
     for name in ("guidance_scale", "guide_guidance_scale"):
         if getattr(c, name) is not None:
             check_float(name, getattr(c, name), 0.0, 100.0)
+    for name in ("true_cfg_scale", "guide_true_cfg_scale"):
+        if getattr(c, name) is not None:
+            check_float(name, getattr(c, name), 1.0, 100.0)
+    if not isinstance(c.negative_prompt, str):
+        raise ValueError(f"negative_prompt={c.negative_prompt!r} must be text (empty: the unconditional prompt)")
     if not isinstance(c.rho, int) or isinstance(c.rho, bool) or c.rho < 2:
         raise ValueError(f"rho={c.rho!r} must be a whole number >= 2 (the guide is rho times smaller per side)")
     check_int("window_tokens", c.window_tokens, 1)

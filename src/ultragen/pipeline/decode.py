@@ -40,11 +40,13 @@ def set_vae_tiling(vae, tile_px: int | None) -> None:
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, tile_px: int | None = None, progress: bool = True) -> torch.Tensor:
-    """Unpacked latents (B, C, h, w) -> images (B, 3, 8h, 8w) float32 in [0, 1], decoded tile by tile."""
+def decode_latents(vae, latents: torch.Tensor, tile_px: int | None = None, progress: bool = True,
+                   to_vae=None) -> torch.Tensor:
+    """Unpacked latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], decoded tile by tile.
+    ``to_vae(latents, vae)``: the family's map to what ``vae.decode`` takes (default FLUX.1's ``to_vae_space``)."""
     set_vae_tiling(vae, tile_px)
     param = next(vae.parameters())
-    z = to_vae_space(latents.to(device=param.device, dtype=param.dtype), vae)
+    z = (to_vae or to_vae_space)(latents.to(device=param.device, dtype=param.dtype), vae)
     bar = tqdm(total=_tile_count(vae, tuple(z.shape[-2:])) * z.shape[0], desc="decode", unit="tile",
                disable=not progress)
 

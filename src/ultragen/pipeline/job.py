@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ultragen import __version__
-from ultragen.pipeline.config import GenerationConfig, model_defaults
-from ultragen.pipeline.loading import ModelInfo, inspect_model
+from ultragen.family import ModelInfo
+from ultragen.pipeline.config import GenerationConfig
+from ultragen.pipeline.loading import inspect_model
 from ultragen.pipeline.outputs import (
     OutputPaths,
     check_writable,
@@ -103,28 +104,36 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
     if config.fp8 and device == "cpu":
         raise ValueError("--fp8 needs a CUDA GPU (compute capability 8.9+); leave it out on the CPU")
     info = inspect_model(config.model)
-    if config.shift is None:
-        config = replace(config, shift=info.shift)
-    config = config.resolved(model_defaults(info.guidance_embeds, info.max_text_tokens))
-    if config.lora_path is not None:
-        _check_lora(config, lora_allow_mismatch, log)
-    _check_backend(config, device, dtype, info)
-    if style_loras:  # style LoRA files (ultragen.style_lora.StyleLoraSpec): readable, a FLUX.1 format
-        from ultragen.flux.style_lora import check_style_lora_file
+    config = config.resolved(info.defaults)
+    from ultragen.family import check_lora_family, family_named
 
-        for spec in style_loras:
-            check_style_lora_file(spec)
+    family = family_named(info.family)
+    if config.lora_path is not None:
+        check_lora_family(config.lora_path, family, config.model)
+        _check_lora(config, lora_allow_mismatch, log, family)
+    _check_backend(config, device, dtype, info)
+    for spec in style_loras:  # style LoRA files (ultragen.style_lora.StyleLoraSpec): readable, the model's family
+        check_lora_family(spec.path, family, config.model, kind="style LoRA")
+        family.check_style_lora_file(spec)
     return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch,
                          tuple(style_loras))
 
 
+def _lora_reader(path: str, family=None):
+    """The family that reads the LoRA file at ``path``: ``family``, else the one its modules belong to (FLUX.1
+    when none claims it: its reader says what is wrong)."""
+    from ultragen.family import family_named, family_of_lora
+
+    return family or family_of_lora(path) or family_named("flux1")
+
+
 def lora_settings(path: str) -> dict:
     """The GenerationConfig fields a guide LoRA was trained under (rho, window, block, policy, guide offset, NTK),
-    read from its metadata; the policy by its preset name when it is one (else left out: pass it as a file)."""
-    from ultragen.flux.lora import read_lora_metadata
+    read from its metadata (the authors' klein file: the settings their code used); the policy by its preset name
+    when it is one (else left out: pass it as a file)."""
     from ultragen.policy import get_policy
 
-    meta = read_lora_metadata(path)
+    meta = _lora_reader(path).read_lora_metadata(path)
     settings = {"rho": meta.rho, "window_tokens": meta.window_tokens, "ntk_factor": meta.ntk_factor}
     if isinstance(meta.extra.get("block_tokens"), int):
         settings["block_tokens"] = meta.extra["block_tokens"]
@@ -139,21 +148,22 @@ def lora_settings(path: str) -> dict:
     return settings
 
 
-def _lora_mismatches(config: GenerationConfig) -> list[str]:
-    from ultragen.flux.lora import read_lora_metadata
-
-    meta = read_lora_metadata(config.lora_path)
-    diff = meta.mismatches(config.lora_expectation())
+def _lora_mismatches(config: GenerationConfig, family=None) -> list[str]:
+    meta = _lora_reader(config.lora_path, family).read_lora_metadata(config.lora_path)
+    expected = config.lora_expectation()
+    if meta.extra.get("source") == "authors":  # the authors' klein file names no model of ours
+        expected = replace(expected, base_model=meta.base_model)
+    diff = meta.mismatches(expected)
     block = meta.extra.get("block_tokens")
     if isinstance(block, int) and block != config.block_tokens:
         diff.append(f"block_tokens: LoRA {block}, run {config.block_tokens}")
     return diff
 
 
-def _check_lora(config: GenerationConfig, allow_mismatch: bool, log) -> None:
+def _check_lora(config: GenerationConfig, allow_mismatch: bool, log, family=None) -> None:
     """Refuse a LoRA trained under other settings before the model is loaded (the load checks again); with
     ``allow_mismatch`` (--lora-force), say what is overridden."""
-    diff = _lora_mismatches(config)
+    diff = _lora_mismatches(config, family)
     if diff and not allow_mismatch:
         raise ValueError(
             f"LoRA {config.lora_path!r} was trained under other settings ({'; '.join(diff)}); leave those options "
@@ -228,8 +238,6 @@ def versions() -> dict[str, str]:
 
 def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: GenerationJob, pipe,
             timings: dict[str, float]) -> dict:
-    from ultragen.pipeline.schedule import warm_start_sigma
-
     layouts = config.layouts()
     return {
         "prompt": prompt,
@@ -238,7 +246,8 @@ def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: Gene
         "image_size_px": [config.width_px, config.height_px],
         "guide_size_px": [config.guide_size_px[1], config.guide_size_px[0]],
         "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
-        "warm_start_sigma": warm_start_sigma(config.steps, config.warm_start_skip, config.shift),
+        # read from the scheduler stage B ran (the last cascade level's); 1.0: started from noise
+        "warm_start_sigma": pipe.last_warm_start_sigmas[-1] if pipe.last_warm_start_sigmas else None,
         "lora": None if pipe.lora_metadata is None else json.loads(pipe.lora_metadata.to_json()),
         "lora_files": pipe.lora_records(),  # every LoRA file: kind, path, SHA-256, scale
         "device": job.device if job.device == "cpu" else torch.cuda.get_device_name(torch.device(job.device)),
@@ -285,8 +294,8 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print, paralle
 def decode_file(latent_path: str, out: str | None = None, tile_px: int | None = None, device: str = "auto",
                 dtype: str = "auto", model: str | None = None, force: bool = False, progress: bool = True) -> Path:
     """Decode a latent saved by ``generate`` into a PNG (default: next to it, ``NAME.png``). Returns the PNG path."""
-    from ultragen.pipeline.decode import decode_latents, load_latent, to_pil
-    from ultragen.pipeline.loading import load_vae
+    from ultragen.family import family_of_model
+    from ultragen.pipeline.decode import load_latent, to_pil
 
     if tile_px is not None and (tile_px < 128 or tile_px % 64):
         raise ValueError(f"--tile-size {tile_px} must be a multiple of 64 px, at least 128 (e.g. 512)")
@@ -300,8 +309,9 @@ def decode_file(latent_path: str, out: str | None = None, tile_px: int | None = 
     if image_path.exists() and not force:
         raise ValueError(f"{str(image_path)!r} already exists; pass --force to overwrite it or choose another --out")
     device, dtype = resolve_device(device, dtype)
-    vae = load_vae(model or config["model"], DTYPES[dtype]).to(device)
-    image = to_pil(decode_latents(vae, latents, tile_px, progress))[0]
+    family = family_of_model(model or config["model"])
+    vae = family.load_vae(model or config["model"], DTYPES[dtype]).to(device)
+    image = to_pil(family.decode(vae, latents, tile_px, progress))[0]
     record = {"prompt": prompt, "config": config, "versions": versions()}
     write_png(image_path, image, png_text(record))
     return image_path

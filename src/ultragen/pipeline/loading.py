@@ -1,4 +1,7 @@
-"""Load FLUX.1 components from a Hugging Face id, a local folder, or ``tiny-random``; fail fast and helpfully.
+"""Load models from a Hugging Face id, a local folder, or a tiny name; fail fast and helpfully.
+
+The family (FLUX.1, FLUX.2 [klein]) is read from the model's model_index.json (:mod:`ultragen.family`); the
+family's module builds its pipeline with :func:`from_pretrained` below.
 
 No network is touched when ``HF_HUB_OFFLINE=1`` is set; without it a hub id is first looked up in the local cache and
 only then downloaded, as diffusers' ``from_pretrained`` does. A missing model raises :class:`MissingWeightsError`
@@ -10,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 TINY_RANDOM = "tiny-random"  # the model name of the built-in random-weight pipeline (ultragen.pipeline.tiny)
+TINY_RANDOM_KLEIN = "tiny-random-klein"  # the FLUX.2 [klein] one (ultragen.flux2.tiny); -base: its CFG variant
 
 
 class MissingWeightsError(ValueError):
@@ -40,8 +43,8 @@ def missing_weights_message(model: str, reason: str) -> str:
         f"model {model!r} is not available here ({reason}); {offline}download it first with "
         f"`hf download {model}` (gated models such as FLUX.1-dev: accept the license on huggingface.co and run "
         f"`hf auth login` first) into the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface), or pass "
-        f"--model /path/to/a/folder with model_index.json (a diffusers FLUX.1 snapshot); "
-        f"--model {TINY_RANDOM} runs offline with random weights"
+        f"--model /path/to/a/folder with model_index.json (a diffusers FLUX.1 or FLUX.2 [klein] "
+        f"snapshot); --model {TINY_RANDOM} (or {TINY_RANDOM_KLEIN}) runs offline with random weights"
     )
 
 
@@ -52,7 +55,7 @@ def normalise_model(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def _from_pretrained(cls, model: str, **kwargs):
+def from_pretrained(cls, model: str, **kwargs):
     """``cls.from_pretrained(model, **kwargs)`` from a folder, the cache, or (online only) the hub."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -75,60 +78,47 @@ def _from_pretrained(cls, model: str, **kwargs):
         raise MissingWeightsError(missing_weights_message(model, reason)) from error
 
 
+def load_pipeline(model: str, torch_dtype: torch.dtype = torch.bfloat16):
+    """The stock diffusers pipeline of ``model`` (hub id, local folder, or a tiny name), of the family its
+    model_index.json names (FluxPipeline: FLUX.1; Flux2KleinPipeline: FLUX.2 [klein])."""
+    from ultragen.family import family_of_model
+
+    return family_of_model(model).load_pipeline(model, torch_dtype)
+
+
 def load_flux_pipeline(model: str, torch_dtype: torch.dtype = torch.bfloat16):
     """A diffusers FluxPipeline for ``model`` (hub id, local folder, or ``tiny-random``)."""
-    if model == TINY_RANDOM:
-        from ultragen.pipeline.tiny import tiny_flux_pipeline
+    from ultragen.family import family_named
 
-        return tiny_flux_pipeline(torch_dtype)
-    from diffusers import FluxPipeline
-
-    return _from_pretrained(FluxPipeline, model, dtype=torch_dtype)
+    return family_named("flux1").load_pipeline(model, torch_dtype)
 
 
 def load_vae(model: str, torch_dtype: torch.dtype = torch.float32):
     """Only the VAE of ``model`` (for re-decoding a saved latent)."""
-    if model == TINY_RANDOM:
-        from ultragen.pipeline.tiny import tiny_vae
+    from ultragen.family import family_of_model
 
-        return tiny_vae(torch_dtype)
-    from diffusers import AutoencoderKL
-
-    return _from_pretrained(AutoencoderKL, model, subfolder="vae", dtype=torch_dtype)
+    return family_of_model(model).load_vae(model, torch_dtype)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a run needs to know of a model before loading it: read from its config files, no weights."""
+def inspect_model(model: str):
+    """The :class:`ultragen.family.ModelInfo` of ``model`` from its config files only; fails (MissingWeightsError)
+    where loading it would: a folder without model_index.json or transformer weights, a hub id neither cached nor
+    downloadable (with HF_HUB_OFFLINE=1: not cached). Online, a hub id that is not cached gets its small config files
+    downloaded."""
+    from ultragen.family import family_of_model, tiny_family
 
-    heads: int  # the transformer's attention heads
-    head_dim: int
-    guidance_embeds: bool  # FLUX.1-dev: True (guidance-distilled); schnell: False
-    max_text_tokens: int | None  # the T5 tokenizer's model_max_length (None: not stated)
-    shift: float  # the scheduler's static shift
-
-
-def inspect_model(model: str) -> ModelInfo:
-    """The :class:`ModelInfo` of ``model`` from its config files only; fails (MissingWeightsError) where loading it
-    would: a folder without model_index.json or transformer weights, a hub id neither cached nor downloadable (with
-    HF_HUB_OFFLINE=1: not cached). Online, a hub id that is not cached gets its small config files downloaded."""
-    if model == TINY_RANDOM:
-        from ultragen.pipeline import tiny
-
-        return ModelInfo(tiny.TINY_HEADS, tiny.TINY_HEAD_DIM, True, tiny.TINY_TEXT_TOKENS, tiny.TINY_SHIFT)
+    family = family_of_model(model)
+    if tiny_family(model) is not None:
+        return family.inspect(model, None)
     root = _model_folder(model)
-    if not (root / "model_index.json").is_file():
-        raise MissingWeightsError(missing_weights_message(model, f"folder {root} has no model_index.json"))
-    transformer = _read_json(model, root / "transformer" / "config.json")
     if not any((root / "transformer").glob("*.safetensors")) and not _weights_come_with_download(model, root):
         raise MissingWeightsError(missing_weights_message(model, f"no transformer weights in {root / 'transformer'}"))
-    tokenizer = root / "tokenizer_2" / "tokenizer_config.json"
-    max_text = _read_json(model, tokenizer).get("model_max_length") if tokenizer.is_file() else None
-    scheduler = _read_json(model, root / "scheduler" / "scheduler_config.json")
-    return ModelInfo(int(transformer["num_attention_heads"]), int(transformer["attention_head_dim"]),
-                     bool(transformer.get("guidance_embeds", False)),
-                     int(max_text) if isinstance(max_text, (int, float)) and max_text < 10**6 else None,
-                     float(scheduler.get("shift", 1.0)))
+    return family.inspect(model, root)
+
+
+def model_folder(model: str) -> Path:
+    """The folder holding ``model``'s files (see :func:`_model_folder`)."""
+    return _model_folder(model)
 
 
 def _weights_come_with_download(model: str, root: Path) -> bool:
@@ -158,8 +148,19 @@ def _model_folder(model: str) -> Path:
         raise MissingWeightsError(missing_weights_message(model, reason)) from error
 
 
-def _read_json(model: str, path: Path) -> dict:
+def read_json(model: str, path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise MissingWeightsError(missing_weights_message(model, f"cannot read {path} ({error})")) from None
+
+
+_from_pretrained = from_pretrained  # the former name (ultragen.train uses it)
+
+
+def __getattr__(name: str):
+    if name == "ModelInfo":  # moved to ultragen.family with the family seam
+        from ultragen.family import ModelInfo
+
+        return ModelInfo
+    raise AttributeError(f"module 'ultragen.pipeline.loading' has no attribute {name!r}")

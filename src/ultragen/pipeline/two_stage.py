@@ -1,13 +1,14 @@
-"""``UltraGenPipeline``: a prompt in, a high-resolution FLUX.1 image out, in two stages.
+"""``UltraGenPipeline``: a prompt in, a high-resolution image out, in two stages, for any model family
+(:mod:`ultragen.family`: FLUX.1, FLUX.2 [klein]).
 
-Stage A: diffusers' own FluxPipeline generates the guide at ``layout.guide_height_px x guide_width_px`` (stock
-transformer, dense attention, any guide LoRA switched off). Stage B, once per cascade level: the guide latent is
-upsampled, sharpened and re-noised to sigma_k (warm start), and steps k..N-1 of a statically shifted N-step schedule
-run through :class:`ultragen.flux.HierFluxTransformer` over the padded canvas with the guide in the sequence. The
-result is cropped to the requested size in latent space; it is the next level's guide, or the output.
+Stage A: the family's stock diffusers pipeline generates the guide at ``layout.guide_height_px x guide_width_px``
+(stock transformer, dense attention, any guide LoRA switched off). Stage B, once per cascade level: the guide latent
+is upsampled, sharpened and re-noised to sigma_k (warm start; k = 0 starts from noise), and steps k..N-1 of the
+family's N-step hires schedule run through its hierarchical transformer over the padded canvas with the guide in the
+sequence. The result is cropped to the requested size in latent space; it is the next level's guide, or the output.
 
-Latents here are either *packed* (B, tokens, 4C) as the transformer sees them (raster order, or window-first /
-tile-first in stage B) or *unpacked* (B, C, H/8, W/8) as the VAE sees them.
+Latents here are either *packed* (B, tokens, C) as the transformer sees them (raster order, or window-first /
+tile-first in stage B) or *unpacked* on the family's latent grid (B, C, H/lp, W/lp), lp = ``family.latent_px``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from ultragen.flux import HierFluxTransformer
+from ultragen.family import Prompt, family_of_model, family_of_pipeline, tiny_family
 from ultragen.flux.lora import ADAPTER_NAME
 from ultragen.layout import HierLayout
-from ultragen.pipeline.config import FAMILY_DEFAULTS, GenerationConfig, ModelDefaults, ModelFamily
-from ultragen.pipeline.decode import decode_latents, to_pil
-from ultragen.pipeline.latents import VAE_SCALE, pack, unpack
-from ultragen.pipeline.loading import TINY_RANDOM, load_flux_pipeline
-from ultragen.pipeline.schedule import hires_scheduler
+from ultragen.pipeline.config import GenerationConfig, ModelDefaults
+from ultragen.pipeline.decode import to_pil
 from ultragen.pipeline.warm_start import warm_start_latent
 from ultragen.policy import build_plan
 
@@ -74,14 +71,8 @@ class StepEvent:
 StepCallback = Callable[[StepEvent], None]
 
 
-@dataclass(frozen=True)
-class _Prompt:
-    embeds: torch.Tensor  # (B, text_tokens, joint_dim)
-    pooled: torch.Tensor  # (B, pooled_dim)
-
-
-def _crop(latents: torch.Tensor, layout: HierLayout) -> torch.Tensor:
-    top, left, bottom, right = (v // VAE_SCALE for v in layout.crop_box_px())
+def _crop(latents: torch.Tensor, layout: HierLayout, latent_px: int = 8) -> torch.Tensor:
+    top, left, bottom, right = (v // latent_px for v in layout.crop_box_px())
     return latents[:, :, top:bottom, left:right]
 
 
@@ -93,22 +84,26 @@ def _sync(device: torch.device) -> None:
 
 
 class UltraGenPipeline:
-    """Two-stage high-resolution generation with a FLUX.1 model (dev, schnell, or ``tiny-random``).
+    """Two-stage high-resolution generation with a FLUX.1 model (dev, schnell, ``tiny-random``) or a FLUX.2 [klein]
+    model (4B, 9B, their -base variants, ``tiny-random-klein[-base]``).
 
-    Wraps a diffusers :class:`FluxPipeline` (its text encoders, tokenizers, VAE, scheduler and transformer are
-    used as they are; the transformer's weights are never modified, a guide LoRA is added as a PEFT adapter).
-    Style LoRAs (:meth:`load_style_lora`) are loaded by diffusers as further adapters and act as in stock diffusers.
+    Wraps the family's diffusers pipeline (``FluxPipeline`` or ``Flux2KleinPipeline``; its text encoders,
+    tokenizers, VAE, scheduler and transformer are used as they are; the transformer's weights are never modified,
+    a guide LoRA is added as a PEFT adapter). ``self.flux`` is that pipeline, ``self.family`` its
+    :class:`ultragen.family.ModelFamily`. Style LoRAs (:meth:`load_style_lora`) are loaded by diffusers as further
+    adapters and act as in stock diffusers.
     """
 
-    def __init__(self, flux: FluxPipeline, model: str = ""):
+    def __init__(self, flux, model: str = ""):
         self.flux = flux
+        self.family = family_of_pipeline(flux)
         self.model = model
         self.lora_metadata = None
         self.lora_record: dict | None = None  # the guide LoRA file: path, sha256, scale
         self.style_loras: tuple = ()  # ultragen.flux.style_lora.LoadedStyleLora, in loading order
         self._style_loads = 0  # adapter names are never reused (style1, style2, ...)
         self._warned_no_lora = False
-        self._hier: tuple[tuple, HierFluxTransformer] | None = None  # (settings, wrapper), reused across calls
+        self._hier: tuple | None = None  # (settings, the family's hierarchical wrapper), reused across calls
         self.parallel = None  # ultragen.parallel.SequenceParallel: the hires pass over several processes (torchrun)
         self._fp8 = False
         # per cascade level, the sigma the last run's stage B re-noised its guide to, read from the scheduler it ran
@@ -119,10 +114,12 @@ class UltraGenPipeline:
     def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
                         torch_dtype: torch.dtype | None = None) -> UltraGenPipeline:
         """Load ``model``: a Hugging Face id (cache, then hub unless HF_HUB_OFFLINE=1), a local diffusers folder, or
-        ``"tiny-random"``, in ``dtype`` (default bfloat16, float32 for tiny-random; ``torch_dtype`` is the older
-        diffusers name). A missing model raises MissingWeightsError (a ValueError) saying what to download."""
-        default = torch.float32 if model == TINY_RANDOM else torch.bfloat16
-        return cls(load_flux_pipeline(model, dtype or torch_dtype or default), model=model)
+        a tiny name (``tiny-random``, ``tiny-random-klein``, ``tiny-random-klein-base``), in ``dtype`` (default
+        bfloat16, float32 for the tiny ones; ``torch_dtype`` is the older diffusers name). The family comes from the
+        model's model_index.json. A missing model raises MissingWeightsError (a ValueError) saying what to
+        download."""
+        default = torch.float32 if tiny_family(model) is not None else torch.bfloat16
+        return cls(family_of_model(model).load_pipeline(model, dtype or torch_dtype or default), model=model)
 
     def to(self, device: torch.device | str) -> UltraGenPipeline:
         self.flux.to(device)
@@ -134,12 +131,8 @@ class UltraGenPipeline:
 
     @property
     def defaults(self) -> ModelDefaults:
-        """The defaults for this model's family; text tokens capped by what its T5 tokenizer allows."""
-        guided = self.flux.transformer.config.guidance_embeds
-        base = FAMILY_DEFAULTS[ModelFamily.FLUX1_DEV if guided else ModelFamily.FLUX1_SCHNELL]
-        max_text = getattr(self.flux.tokenizer_2, "model_max_length", base.text_tokens)
-        whole_blocks = max(128, min(base.text_tokens, max_text) // 128 * 128)  # text is whole attention blocks
-        return replace(base, text_tokens=whole_blocks)
+        """The defaults for this model's variant; text tokens capped by what its tokenizer allows."""
+        return self.family.defaults(self.flux)
 
     def prepare_weights(self, config: GenerationConfig) -> None:
         """Quantize the transformer blocks to FP8 if ``config.fp8`` (once; before any LoRA is added)."""
@@ -157,13 +150,13 @@ class UltraGenPipeline:
 
     def load_lora(self, path: str, config: GenerationConfig, allow_mismatch: bool = False):
         """Add the guide LoRA at ``path``; refused (ValueError) when it was trained under other settings."""
-        from ultragen.flux.lora import load_guide_lora
-
+        from ultragen.family import check_lora_family
         from ultragen.style_lora import file_sha256
 
+        check_lora_family(path, self.family, config.model or self.model)
         expected = config.lora_expectation(config.model or self.model)
-        self.lora_metadata = load_guide_lora(self.flux.transformer, path, expected=expected,
-                                             allow_mismatch=allow_mismatch)
+        self.lora_metadata = self.family.load_guide_lora(self.flux.transformer, path, expected=expected,
+                                                         allow_mismatch=allow_mismatch)
         self.lora_record = {"kind": "guide", "path": str(Path(path).resolve()), "sha256": file_sha256(path),
                             "scale": 1.0}
         self._activate_adapters()  # diffusers' add_adapter made the guide LoRA the only active adapter
@@ -174,12 +167,13 @@ class UltraGenPipeline:
         at ``scale``. It acts on every token stream in both stages, as it does in stock diffusers; the guide LoRA
         acts on top of it on the guide tokens only. Refused (ValueError naming the file) when it is not a
         safetensors file, is corrupt, or does not fit this model. Returns the loaded LoRA (file, SHA-256, adapter)."""
-        from ultragen.flux.style_lora import load_style_lora
+        from ultragen.family import check_lora_family
         from ultragen.style_lora import StyleLoraSpec, read_style_lora
 
         lora = read_style_lora(StyleLoraSpec(os.fspath(path), scale))
+        check_lora_family(path, self.family, self.model, kind="style LoRA")
         self._style_loads += 1
-        loaded = load_style_lora(self.flux, lora, adapter_name=f"style{self._style_loads}")
+        loaded = self.family.load_style_lora(self.flux, lora, adapter_name=f"style{self._style_loads}")
         self.style_loras = (*self.style_loras, loaded)
         self._activate_adapters()
         return loaded
@@ -230,8 +224,6 @@ class UltraGenPipeline:
         """``config`` with this model's defaults filled in and the model name recorded."""
         if not config.model:
             config = replace(config, model=self.model)
-        if config.shift is None:
-            config = replace(config, shift=float(self.flux.scheduler.config.shift))
         return config.resolved(self.defaults)
 
     def __call__(
@@ -316,7 +308,7 @@ class UltraGenPipeline:
             guide = self._stage_a(text, config, generator, progress, callback)
         if self.parallel is not None:  # every rank continues from rank 0's prompt and guide, bit for bit
             embeds, pooled, guide = self.parallel.same_everywhere(text.embeds, text.pooled, guide)
-            text = _Prompt(embeds, pooled)
+            text = replace(text, embeds=embeds, pooled=pooled)
         x, sigmas = guide, []
         self.last_warm_start_sigmas = ()
         for level, layout in enumerate(config.layouts()):
@@ -330,17 +322,17 @@ class UltraGenPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile_px: int | None = None, progress: bool = True) -> torch.Tensor:
         """Unpacked latents -> (B, 3, H, W) float32 in [0, 1], tiled VAE decode."""
-        return decode_latents(self.flux.vae, latents, tile_px, progress)
+        return self.family.decode(self.flux.vae, latents, tile_px, progress)
 
     # --- stages ----------------------------------------------------------------------------------------------------
-    def _hierarchical(self, config: GenerationConfig) -> HierFluxTransformer:
+    def _hierarchical(self, config: GenerationConfig):
         """The hierarchical wrapper for these settings; kept across calls so compiled blocks are reused."""
         key = (config.backend, config.ntk_factor, config.compile_blocks, config.ff_chunk_tokens, config.cache_guide,
                self.parallel)
         if self._hier is None or self._hier[0] != key:
-            hier = HierFluxTransformer(self.flux.transformer, backend=config.backend, ntk_factor=config.ntk_factor,
-                                       cache_guide=config.cache_guide, ff_chunk_tokens=config.ff_chunk_tokens,
-                                       parallel=self.parallel)
+            hier = self.family.hierarchical(self.flux.transformer, backend=config.backend,
+                                            ntk_factor=config.ntk_factor, cache_guide=config.cache_guide,
+                                            ff_chunk_tokens=config.ff_chunk_tokens, parallel=self.parallel)
             if config.compile_blocks:
                 hier.compile_blocks()
                 # stage A runs the stock blocks through diffusers: compile them too (regional, in place; the
@@ -349,84 +341,68 @@ class UltraGenPipeline:
             self._hier = (key, hier)
         return self._hier[1]
 
-    def _encode(self, prompts: list[str], config: GenerationConfig) -> _Prompt:
-        encoders = [self.flux.text_encoder, self.flux.text_encoder_2]
+    def _encode(self, prompts: list[str], config: GenerationConfig) -> Prompt:
+        encoders = [module for name, module in self.flux.components.items()
+                    if name.startswith("text_encoder") and module is not None]
         if config.offload_text_encoders:
             for encoder in encoders:
                 encoder.to(self.device)
-        embeds, pooled, _ = self.flux.encode_prompt(prompts, device=self.device,
-                                                    max_sequence_length=config.text_tokens)
+        prompt = self.family.encode(self.flux, prompts, config, self.device)
         if config.offload_text_encoders:
             for encoder in encoders:
                 encoder.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        dtype = self.flux.transformer.dtype
-        return _Prompt(embeds.to(dtype), pooled.to(dtype))
+        return prompt
 
-    def _stage_a(self, text: _Prompt, config: GenerationConfig, generator, progress: bool,
+    def _stage_a(self, text: Prompt, config: GenerationConfig, generator, progress: bool,
                  callback: StepCallback | None = None) -> torch.Tensor:
-        """The guide: diffusers' FluxPipeline at the guide size. Returns unpacked clean latents (B, C, h/8, w/8)."""
-        height, width = config.guide_size_px
+        """The guide: the family's stock pipeline at the guide size, the guide LoRA off. Returns the clean latent
+        grid (B, C, h/lp, w/lp)."""
+        on_step = None
+        if callback is not None:
+            def on_step(done: int, total: int, latent) -> None:
+                callback(StepEvent("guide", done, total, latent))
+        with self._guide_lora_off():
+            return self.family.stage_a(self.flux, text, config, generator, progress, on_step)
 
-        def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:  # diffusers' callback_on_step_end
-            last = i + 1 == config.guide_steps
-            callback(StepEvent("guide", i + 1, config.guide_steps,
-                               unpack(tensors["latents"], height, width) if last else None))
-            return {}
-
-        flux, scheduler = self.flux, self.flux.scheduler
-        if not config.guide_dynamic_shift and scheduler.config.use_dynamic_shifting:
-            flux.scheduler = type(scheduler).from_config(scheduler.config, use_dynamic_shifting=False)
-        flux.set_progress_bar_config(desc="guide", disable=not progress)
-        try:
-            with self._guide_lora_off():
-                packed = flux(
-                    prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled, height=height, width=width,
-                    num_inference_steps=config.guide_steps, guidance_scale=config.guide_guidance_scale or 0.0,
-                    generator=generator, output_type="latent", max_sequence_length=config.text_tokens,
-                    callback_on_step_end=on_step_end if callback is not None else None,
-                ).images
-        finally:
-            flux.scheduler = scheduler
-        return unpack(packed, height, width)
-
-    def _stage_b(self, hier: HierFluxTransformer, guide: torch.Tensor, layout: HierLayout, text: _Prompt,
+    def _stage_b(self, hier, guide: torch.Tensor, layout: HierLayout, text: Prompt,
                  config: GenerationConfig, generator, progress: bool, callback: StepCallback | None = None,
                  stage: str = "hires") -> tuple[torch.Tensor, float]:
-        """One hierarchical pass: unpacked clean guide (B, C, gh*2, gw*2) -> (unpacked clean latent of the requested
-        size (B, C, H/8, W/8), the sigma the warm start re-noised the guide to)."""
-        expected = (layout.guide_image_grid[0] * 2, layout.guide_image_grid[1] * 2)
+        """One hierarchical pass: unpacked clean guide (B, C, gh*r, gw*r) (r latent pixels per token side) ->
+        (unpacked clean latent of the requested size (B, C, H/lp, W/lp), the sigma the warm start re-noised the guide
+        to)."""
+        family = self.family
+        per_token = 16 // family.latent_px  # latent pixels per token side (FLUX.1: 2, FLUX.2: 1)
+        expected = (layout.guide_image_grid[0] * per_token, layout.guide_image_grid[1] * per_token)
         if guide.ndim != 4 or tuple(guide.shape[-2:]) != expected:
             raise ValueError(f"guide latent of shape {tuple(guide.shape)} does not fit the layout: it must be "
                              f"(B, C, {expected[0]}, {expected[1]}) for {layout.width_px}x{layout.height_px} px at "
                              f"rho {layout.rho}; pass the guide stage A made for these settings")
         device, batch, channels = self.device, guide.shape[0], guide.shape[1]
-        canvas = (layout.padded_grid[0] * 2, layout.padded_grid[1] * 2)
-        scheduler = hires_scheduler(self.flux.scheduler, config.steps, config.warm_start_skip, config.shift, device)
+        canvas = (layout.padded_grid[0] * per_token, layout.padded_grid[1] * per_token)
+        scheduler = family.hires_scheduler(self.flux, config, layout, device)
         sigma = float(scheduler.sigmas[config.warm_start_skip])
         noise = randn_tensor((batch, channels, *canvas), generator=generator, device=device, dtype=torch.float32)
         start = warm_start_latent(guide.float(), canvas, noise, sigma, config.sharpen_strength,
                                   config.sharpen_sigma_latent_px)
-        x = layout.hires_to_sequence(pack(start.to(guide.dtype)))  # (B, hires_tokens, 4C) window-first
-        g = layout.guide_to_sequence(layout.pad_guide(pack(guide)))  # (B, guide_tokens, 4C) tile-first
+        x = layout.hires_to_sequence(family.pack(start.to(guide.dtype)))  # (B, hires_tokens, C) window-first
+        g = layout.guide_to_sequence(layout.pad_guide(family.pack(guide)))  # (B, guide_tokens, C) tile-first
         plan = build_plan(layout, config.policy)
-        guidance = None
-        if self.flux.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), config.guidance_scale, device=device, dtype=torch.float32)
         timesteps = scheduler.timesteps[config.warm_start_skip :]
         try:
             for i, t in enumerate(tqdm(timesteps, desc=f"hires {layout.width_px}x{layout.height_px}",
                                        disable=not progress)):
                 sigma_t = (t / 1000).expand(batch).to(x.dtype)
-                velocity = hier(x, text.embeds, text.pooled, sigma_t, plan, guide=g, guidance=guidance)
+                velocity = family.velocity(hier, x, text, sigma_t, plan, g, config)
                 x = scheduler.step(velocity, t, x, return_dict=False)[0]
                 if callback is not None:
                     callback(StepEvent(stage, i + 1, len(timesteps)))
         finally:
             hier.clear_guide_cache()
         raster = layout.hires_to_raster(x)
-        return _crop(unpack(raster, layout.padded_height_px, layout.padded_width_px), layout), sigma
+        latent = family.unpack(raster, layout.padded_height_px, layout.padded_width_px)
+        return _crop(latent, layout, family.latent_px), sigma
 
 
 class _Clock:
