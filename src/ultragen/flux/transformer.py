@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
+from ultragen.compile_cache import use_persistent_compile_cache
 from ultragen.flux.blocks import (
     GuideKV,
     Rope,
@@ -189,6 +190,7 @@ class HierFluxTransformer(nn.Module):
         """``torch.compile`` the double- and single-block forwards (regional compilation: one graph each, shared by
         all blocks of a kind, with ``dynamic=False``: one compile per resolution). Attention stays one opaque
         custom-op call inside the graph. The guide's once-per-image pass is not compiled."""
+        use_persistent_compile_cache()  # a new process reuses earlier compiles (ultragen.compile_cache)
         options = {"dynamic": False, **compile_kwargs}
         # one graph per (resolution, backend, input strides): more than dynamo's default limit of 8 in one process,
         # and hitting the limit silently falls back to eager

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
+from ultragen.compile_cache import use_persistent_compile_cache
 from ultragen.flux.blocks import linear
 from ultragen.flux2.blocks import Mods, Streams, double_block, single_block
 from ultragen.flux2.ids import Rope, flux2_rope, sequence_ids
@@ -149,6 +150,7 @@ class HierFlux2Transformer(nn.Module):
         """``torch.compile`` the double- and single-block forwards (one graph each, shared by all blocks of a kind,
         ``dynamic=False``: one compile per resolution). Attention stays one opaque custom-op call inside the graph;
         the guide's once-per-image pass is not compiled."""
+        use_persistent_compile_cache()  # a new process reuses earlier compiles (ultragen.compile_cache)
         options = {"dynamic": False, **compile_kwargs}
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
