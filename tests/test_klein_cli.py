@@ -193,3 +193,21 @@ def test_guidance_embedding_is_refused_on_klein(tmp_path, capsys):
     assert generate("tiny-random-klein", "--prompt", "a fox", "--guidance", "3", "--width", "512", "--height", "512",
                     "--out", str(tmp_path / "fox.png")) == 2
     assert "no guidance embedding" in capsys.readouterr().err
+
+
+def test_the_authors_klein_lora_file_runs_through_generate_with_their_settings(tmp_path, capsys):
+    """A file saved exactly the authors' way from the tiny-random-klein transformer loads with --lora: its settings
+    (their policy, rho 4, guide offset 0) become the run's and are stated, and it runs end to end."""
+    from ultragen.flux2.tiny import tiny_klein_transformer
+
+    from test_flux2_lora import save_the_authors_way
+
+    path = save_the_authors_way(tiny_klein_transformer(), tmp_path)
+    out = tmp_path / "fox.png"
+    assert generate("tiny-random-klein", "--prompt", "a fox", "--width", "512", "--height", "512", "--lora",
+                    str(path), "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "settings from the LoRA" in err and "policy=authors-code" in err and "guide_offset_tokens=0.0" in err
+    record = json.loads((tmp_path / "fox.json").read_text())
+    assert record["config"]["policy"] == "authors-code" and record["config"]["guide_offset_tokens"] == 0.0
+    assert record["lora"]["extra"] == {"source": "authors"}
