@@ -295,3 +295,55 @@ def test_config_validates_in_one_place():
     with pytest.raises(ValueError, match="must be a number"):
         StepCacheConfig(CacheKind.FBCACHE, True)
     assert StepCacheConfig("fbcache", 1).threshold == 1.0
+
+
+# --- command line and pipeline --------------------------------------------------------------------------------------
+def _dry_run(capsys, *cache):
+    import json
+
+    from ultragen.cli import main
+
+    code = main(["generate", "--prompt", "a cat", "--model", "tiny-random", "--height", "256", "--width", "256",
+                 "--dry-run", *cache])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+@pytest.mark.parametrize(("given", "expected"), [((), "off"), (("--cache", "off"), "off"),
+                                                 (("--cache", "fbcache"), "fbcache:0.08"),
+                                                 (("--cache", "fbcache:0.1"), "fbcache:0.1")])
+def test_generate_cache_option(capsys, given, expected):
+    code, plan, _ = _dry_run(capsys, *given)
+    assert code == 0
+    assert plan["config"]["step_cache"] == expected
+
+
+@pytest.mark.parametrize("bad", ["teacache", "fbcache:x", "fbcache:-1", "off:0.2"])
+def test_generate_bad_cache_exits_2_with_one_line(capsys, bad):
+    code, _, err = _dry_run(capsys, "--cache", bad)
+    assert code == 2
+    assert err.count("\n") == 1 and "--cache" in err
+
+
+def test_pipeline_records_skips_and_resets_between_images():
+    """tiny-random end to end: threshold 0 is the uncached image; a huge threshold skips every hires step after
+    the first (recorded), and a second image is the one a fresh pipeline makes for its seed."""
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+
+    settings = dict(num_inference_steps=5, warm_start_skip=1, guide_steps=2, output_type="latent", progress=False)
+
+    def image(pipe, seed, cache):
+        return pipe("a red fox", 256, 256, generator=torch.Generator().manual_seed(seed), step_cache=cache,
+                    **settings).latents
+
+    pipe = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    plain = image(pipe, 3, "off")
+    assert pipe.last_step_cache == [{"cache": "off", "steps_computed": 0, "steps_skipped": 0}]
+    assert torch.equal(image(pipe, 3, "fbcache:0"), plain)
+    assert pipe.last_step_cache == [{"cache": "fbcache:0", "steps_computed": 4, "steps_skipped": 0}]
+    cached = image(pipe, 3, "fbcache:1e6")
+    assert pipe.last_step_cache == [{"cache": "fbcache:1e+06", "steps_computed": 1, "steps_skipped": 3}]
+    assert not torch.allclose(cached, plain)
+    second = image(pipe, 4, "fbcache:1e6")
+    fresh = UltraGenPipeline.from_pretrained("tiny-random", dtype=torch.float32)
+    assert torch.equal(second, image(fresh, 4, "fbcache:1e6"))

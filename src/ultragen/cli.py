@@ -23,6 +23,21 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def step_cache_setting(text: str) -> str:
+    """``--cache``: off, fbcache or fbcache:THRESHOLD (``ultragen.step_cache``), checked while parsing."""
+    from ultragen.step_cache import parse_cache
+
+    try:
+        return str(parse_cache(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+CACHE_HELP = ("step cache of the hires pass: off, fbcache or fbcache:THRESHOLD (First-Block-Cache: a step whose "
+              "first block changes less than THRESHOLD, relative L1, reuses the other blocks' last residual; "
+              "fbcache alone: 0.08). Default off until the testbed eval has measured its quality cost")
+
+
 class CommandParser(argparse.ArgumentParser):
     """An ArgumentParser whose options are added on first use, and whose errors are one line, not the usage."""
 
@@ -143,6 +158,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     image.add_argument("--backend", default="auto")
     image.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     image.add_argument("--fp8", action="store_true", help="FP8 linear layers (torchao)")
+    image.add_argument("--cache", type=step_cache_setting, default="off", metavar="NAME[:THRESHOLD]", help=CACHE_HELP)
     image.add_argument("--offload-text-encoders", action="store_true",
                        help="move the text encoders to the CPU after encoding (the peak memory it saves)")
     image.add_argument("--style-lora-rank", type=whole_number, metavar="R",
@@ -186,7 +202,8 @@ def run_bench_image(args: argparse.Namespace) -> int:
     from ultragen.bench.record import result_path, write_result
 
     result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8,
-                             offload_text_encoders=args.offload_text_encoders, style_lora_rank=args.style_lora_rank)
+                             offload_text_encoders=args.offload_text_encoders, style_lora_rank=args.style_lora_rank,
+                             step_cache=args.cache)
     print(f"wrote {write_result(args.out or result_path('image'), {'image': result})}")
     return 0
 
@@ -277,6 +294,7 @@ def _generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--no-guide-cache", action="store_true",
                      help="recompute the guide's keys/values every step instead of once per image: ~8 %% slower, "
                           "frees their memory (2.8 GB at 4K, ~11.5 GB at 8K)")
+    gen.add_argument("--cache", type=step_cache_setting, default="off", metavar="NAME[:THRESHOLD]", help=CACHE_HELP)
     gen.add_argument("--compile", action="store_true", help="torch.compile the hierarchical blocks (GPU)")
     gen.add_argument("--fp8", action="store_true", help="FP8 transformer blocks (GPU, compute capability 8.9+)")
     gen.add_argument("--ff-chunk-tokens", type=int, metavar="N", default=16384,
@@ -329,7 +347,8 @@ def run_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, backend=args.backend, shift=args.shift,
         sharpen_strength=args.sharpen, cascade_levels=args.cascade, lora_path=args.lora, vae_tile_px=args.vae_tile,
         offload_text_encoders=args.offload_text_encoders, compile_blocks=args.compile, fp8=args.fp8,
-        ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache, **given,
+        ff_chunk_tokens=args.ff_chunk_tokens or None, cache_guide=not args.no_guide_cache, step_cache=args.cache,
+        **given,
     )
     from ultragen.style_lora import parse_style_lora
 

@@ -48,9 +48,23 @@ def random_flux_dev_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bf
                         transformer=random_flux(device=device, dtype=dtype))
 
 
+def _compile_cache_record() -> dict:
+    """Where the compile caches are and their size after the run (they persist for the next process)."""
+    import os
+
+    from ultragen.compile_cache import INDUCTOR_ENV, cache_size_bytes
+
+    path = os.environ.get(INDUCTOR_ENV)
+    return {"dir": path, "size_mb": cache_size_bytes(path) / 1e6 if path else None}
+
+
 def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: bool = False, fp8: bool = False,
-                    offload_text_encoders: bool = False, log=print, style_lora_rank: int | None = None) -> dict:
-    """Generate one image twice (the first call compiles and warms up) and return the second call's stage times.
+                    offload_text_encoders: bool = False, log=print, style_lora_rank: int | None = None,
+                    step_cache: str = "off") -> dict:
+    """Generate one image twice (the first call compiles and warms up) and return the second call's stage times;
+    ``first_image_s``: the first call's total (the first image of a new process: compiles, or loads them from the
+    persistent compile cache, ``ultragen.compile_cache``). ``step_cache``: the hires pass's step cache setting
+    (result["step_cache"]: steps computed and skipped).
     ``style_lora_rank``: then load a random style LoRA of that rank on every block linear (unfused) and measure
     again in the same process (result["style_lora"]: its stage times, peak memory and hires time ratio)."""
     from ultragen.pipeline import UltraGenPipeline
@@ -59,9 +73,11 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
     pipe = UltraGenPipeline(random_flux_dev_pipeline(), model="FLUX.1-dev architecture, random weights")
     log(f"pipeline built in {time.perf_counter() - start:.0f} s")
     settings = dict(height=size_px, width=size_px, backend=backend, progress=False, output_type="pt",
-                    compile_blocks=compile_blocks, fp8=fp8, offload_text_encoders=offload_text_encoders)
+                    compile_blocks=compile_blocks, fp8=fp8, offload_text_encoders=offload_text_encoders,
+                    step_cache=step_cache)
     start = time.perf_counter()
     warm = pipe("warm-up", **settings)
+    first_image_s = time.perf_counter() - start
     log(f"warm-up image (compiles when asked) in {time.perf_counter() - start:.0f} s: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in warm.timings_s.items()))
     torch.cuda.reset_peak_memory_stats()
@@ -73,6 +89,9 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
               "fp8": fp8, "offload_text_encoders": offload_text_encoders,
               # the setting: eager blocks and the guide pass chunk by it; compiled blocks run the feed-forward whole
               "ff_chunk_tokens": out.config.ff_chunk_tokens,
+              "first_image_s": first_image_s, "first_image_stages": dict(warm.timings_s),
+              "compile_cache": _compile_cache_record() if compile_blocks else None,
+              "step_cache": pipe.last_step_cache,
               "guide_steps": out.config.guide_steps, "hires_steps": out.config.steps - out.config.warm_start_skip,
               "finite": bool(torch.isfinite(out.images).all())}
     log(result)

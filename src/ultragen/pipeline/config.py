@@ -124,6 +124,9 @@ class GenerationConfig:
     # the guide's per-layer keys/values computed once per image (when the policy keeps the guide to itself); costs
     # their memory: 2.8 GB measured at 4K, about 11.5 GB estimated at 8K; off: every step recomputes them (~8 % slower)
     cache_guide: bool = True
+    # step cache of the hires pass (ultragen.step_cache): "off", "fbcache" or "fbcache:<threshold>"; off until the
+    # testbed eval has measured a setting that keeps count and position accuracy within 2 points (docs/design.md)
+    step_cache: str = "off"
     compile_blocks: bool = False  # torch.compile the hierarchical blocks (one compile per resolution)
     fp8: bool = False  # FP8 weights and activations in the transformer blocks (CUDA, compute capability 8.9+)
     # feed-forward over token chunks of this size; None: off. On an H100 at 8K (eager) it cost no time, saved 1.5 GB
@@ -249,4 +252,7 @@ def _validate(c: GenerationConfig) -> None:
         raise ValueError(f"vae_tile_px={c.vae_tile_px!r} must be a multiple of 64 px, at least 128 (e.g. 512)")
     if c.lora_path is not None and not Path(c.lora_path).is_file():
         raise ValueError(f"LoRA file {c.lora_path!r} does not exist; pass the path of a .safetensors guide LoRA")
+    from ultragen.step_cache import parse_cache
+
+    parse_cache(c.step_cache)  # off, fbcache, fbcache:0.08; one-line error with the fix
     c.layouts()  # sizes: multiples of 16 px, within limits, valid rho / window / text for every cascade level

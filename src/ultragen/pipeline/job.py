@@ -248,6 +248,8 @@ def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: Gene
         "canvas_px": [[lay.padded_width_px, lay.padded_height_px] for lay in layouts],
         # read from the scheduler stage B ran (the last cascade level's); 1.0: started from noise
         "warm_start_sigma": pipe.last_warm_start_sigmas[-1] if pipe.last_warm_start_sigmas else None,
+        # per cascade level: the step cache setting, steps computed and steps skipped (reusing the cached residual)
+        "step_cache": list(pipe.last_step_cache),
         "lora": None if pipe.lora_metadata is None else json.loads(pipe.lora_metadata.to_json()),
         "lora_files": pipe.lora_records(),  # every LoRA file: kind, path, SHA-256, scale
         "device": job.device if job.device == "cpu" else torch.cuda.get_device_name(torch.device(job.device)),

@@ -109,6 +109,8 @@ class UltraGenPipeline:
         # per cascade level, the sigma the last run's stage B re-noised its guide to, read from the scheduler it ran
         # (what a run record states; a closed formula would not notice if stage B used another)
         self.last_warm_start_sigmas: tuple[float, ...] = ()
+        # per cascade level of the last run, the step cache's setting and its computed / skipped step counts
+        self.last_step_cache: list[dict] = []
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: torch.dtype | None = None,
@@ -311,6 +313,7 @@ class UltraGenPipeline:
             text = replace(text, embeds=embeds, pooled=pooled)
         x, sigmas = guide, []
         self.last_warm_start_sigmas = ()
+        self.last_step_cache = []
         for level, layout in enumerate(config.layouts()):
             stage = f"hires{level}" if config.cascade_levels > 1 else "hires"
             with clock(stage):
@@ -390,6 +393,7 @@ class UltraGenPipeline:
         g = layout.guide_to_sequence(layout.pad_guide(family.pack(guide)))  # (B, guide_tokens, C) tile-first
         plan = build_plan(layout, config.policy)
         timesteps = scheduler.timesteps[config.warm_start_skip :]
+        step_cache = hier.set_step_cache(config.step_cache)  # a fresh state for each image and cascade level
         try:
             for i, t in enumerate(tqdm(timesteps, desc=f"hires {layout.width_px}x{layout.height_px}",
                                        disable=not progress)):
@@ -400,6 +404,8 @@ class UltraGenPipeline:
                     callback(StepEvent(stage, i + 1, len(timesteps)))
         finally:
             hier.clear_guide_cache()
+            self.last_step_cache.append(step_cache.stats())
+            step_cache.reset()  # frees its residuals
         raster = layout.hires_to_raster(x)
         latent = family.unpack(raster, layout.padded_height_px, layout.padded_width_px)
         return _crop(latent, layout, family.latent_px), sigma
