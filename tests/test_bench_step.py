@@ -153,8 +153,9 @@ def test_bench_image_cli_passes_its_levers(tmp_path, monkeypatch):
     out = tmp_path / "i.json"
     assert main(["bench", "image", "--compile", "--fp8", "--offload-text-encoders", "--out", str(out)]) == 0
     assert main(["bench", "image", "--style-lora-rank", "64", "--cache", "fbcache:0.1", "--out", str(out)]) == 0
+    flux1 = {"family": "flux1", "config": "dev"}
     assert calls == [((4096, "auto"), {"compile_blocks": True, "fp8": True, "offload_text_encoders": True,
-                                       "style_lora_rank": None, "step_cache": "off"}),
+                                       "style_lora_rank": None, "step_cache": "off", **flux1}),
                      ((4096, "auto"), {"compile_blocks": False, "fp8": False, "offload_text_encoders": False,
-                                       "style_lora_rank": 64, "step_cache": "fbcache:0.1"})]
+                                       "style_lora_rank": 64, "step_cache": "fbcache:0.1", **flux1})]
     assert '"total_s": 1.0' in out.read_text()

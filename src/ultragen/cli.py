@@ -154,6 +154,10 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                            "step); default file bench/results/step-parallel-<N>gpu-<gpu>-<yyyymmdd>.json")
     step.set_defaults(run=run_bench_step)
     image = which.add_parser("image", help="one whole 4096x4096 image, timed per stage")
+    image.add_argument("--family", default="flux1", help="model family: flux1 (default) or flux2 (FLUX.2 [klein])")
+    image.add_argument("--config", default=None,
+                       help="architecture (random weights, every component at its real size): flux1: dev (default; "
+                            "28 guide + 18 hires steps); flux2: klein-4b (default), klein-9b (4 + 4 distilled steps)")
     image.add_argument("--size", type=whole_number, default=4096, help="square size in pixels (default 4096)")
     image.add_argument("--backend", default="auto")
     image.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
@@ -164,7 +168,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     image.add_argument("--style-lora-rank", type=whole_number, metavar="R",
                        help="then again with a random rank-R style LoRA on every block linear (unfused): its time "
                             "and peak memory against none, in the same JSON")
-    image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json)")
+    image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json; "
+                                                   "other than FLUX.1-dev: image-<config>-<gpu>-<yyyymmdd>.json)")
     image.set_defaults(run=run_bench_image)
 
 
@@ -199,12 +204,15 @@ def run_bench_step(args: argparse.Namespace) -> int:
 
 def run_bench_image(args: argparse.Namespace) -> int:
     from ultragen.bench.image import run_image_bench
+    from ultragen.bench.models import bench_config
     from ultragen.bench.record import result_path, write_result
 
+    name, _ = bench_config(args.family, args.config)  # a bad --family / --config: exit 2 before anything is built
     result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8,
                              offload_text_encoders=args.offload_text_encoders, style_lora_rank=args.style_lora_rank,
-                             step_cache=args.cache)
-    print(f"wrote {write_result(args.out or result_path('image'), {'image': result})}")
+                             step_cache=args.cache, family=args.family, config=name)
+    path = args.out or result_path("image" if (args.family, name) == ("flux1", "dev") else f"image-{name}")
+    print(f"wrote {write_result(path, {'image': result})}")
     return 0
 
 

@@ -159,6 +159,12 @@ class ModelFamily(ABC):
         """The family's diffusers transformer of architecture ``config`` with random weights."""
 
     @abstractmethod
+    def random_pipeline(self, parts: dict[str, Any], device: str, dtype: torch.dtype):
+        """The family's stock diffusers pipeline with every component built from ``parts`` (family-specific keys:
+        ``transformer`` and the text encoders' and VAE's constructor arguments) with random weights, directly on
+        ``device`` in ``dtype``; tokenizers are byte-level stand-ins (``ultragen bench image``)."""
+
+    @abstractmethod
     def random_step_inputs(self, model, layout: HierLayout, seed: int = 0) -> dict[str, Any]:
         """Random inputs of one transformer step at this layout (hires window-first, guide tile-first)."""
 

@@ -179,6 +179,34 @@ class Flux1Family(ModelFamily):
 
         return random_flux(config, device=device, dtype=dtype, seed=seed)
 
+    def random_pipeline(self, parts, device, dtype):
+        """``parts``: transformer, clip (CLIPTextConfig), t5 (T5Config), vae (AutoencoderKL), scheduler
+        (FlowMatchEulerDiscreteScheduler) arguments; the tokenizers are byte-level with those vocabularies."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        from ultragen.pipeline.tiny import _byte_tokenizer
+
+        clip_tok = _byte_tokenizer(["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", 77,
+                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        t5_tok = _byte_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", 512, pad_token="<pad>", eos_token="</s>",
+                                 unk_token="<unk>")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                clip = CLIPTextModel(CLIPTextConfig(**parts["clip"], bos_token_id=clip_tok.bos_token_id,
+                                                    eos_token_id=clip_tok.eos_token_id,
+                                                    pad_token_id=clip_tok.pad_token_id))
+                t5 = T5EncoderModel(T5Config(**parts["t5"], pad_token_id=t5_tok.pad_token_id,
+                                             eos_token_id=t5_tok.eos_token_id))
+                vae = AutoencoderKL(**parts["vae"])
+        finally:
+            torch.set_default_dtype(previous)
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**parts["scheduler"]), vae=vae.eval(),
+                            text_encoder=clip.eval(), tokenizer=clip_tok, text_encoder_2=t5.eval(),
+                            tokenizer_2=t5_tok, transformer=self.random_transformer(parts["transformer"], device, dtype))
+
     def random_step_inputs(self, model, layout, seed=0):
         from ultragen.bench.models import random_inputs
 

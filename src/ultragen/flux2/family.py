@@ -274,6 +274,31 @@ class Flux2Family(ModelFamily):
             torch.set_default_dtype(previous)
         return model.eval().requires_grad_(False)
 
+    def random_pipeline(self, parts, device, dtype):
+        """``parts``: transformer, text_encoder (Qwen3Config arguments), vae (AutoencoderKLFlux2 arguments),
+        text_tokens (the tokenizer's model_max_length). The tokenizer is tiny-random-klein's byte-level one (token
+        ids index the real vocabulary's first rows); the scheduler is klein's (dynamic exponential shift)."""
+        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        from ultragen.flux2.tiny import tiny_klein_scheduler, tiny_qwen_tokenizer
+
+        tokenizer = tiny_qwen_tokenizer()
+        tokenizer.model_max_length = parts["text_tokens"]
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                text_encoder = Qwen3ForCausalLM(Qwen3Config(**parts["text_encoder"],
+                                                            pad_token_id=tokenizer.pad_token_id,
+                                                            eos_token_id=tokenizer.eos_token_id))
+                vae = AutoencoderKLFlux2(**parts["vae"])
+        finally:
+            torch.set_default_dtype(previous)
+        return Flux2KleinPipeline(scheduler=tiny_klein_scheduler(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                                  tokenizer=tokenizer, is_distilled=parts.get("is_distilled", True),
+                                  transformer=self.random_transformer(parts["transformer"], device, dtype))
+
     def random_step_inputs(self, model, layout, seed=0):
         cfg, device, dtype = model.config, model.device, model.dtype
         g = torch.Generator(device=device).manual_seed(seed)
