@@ -13,6 +13,8 @@ from ultragen.compile_cache import cache_size_bytes, compile_cache_dir, use_pers
 from ultragen.flux import HierFluxTransformer
 from ultragen.flux2 import HierFlux2Transformer
 
+ISA = f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"  # one folder per CPU instruction set
+
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
@@ -27,7 +29,7 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_default_is_the_users_cache_folder_and_inductor_uses_it(clean_env):
     path = use_persistent_compile_cache()
-    expected = clean_env / "home" / ".cache" / "ultragen" / "compile"
+    expected = clean_env / "home" / ".cache" / "ultragen" / "compile" / ISA
     assert path == expected and expected.is_dir()
     assert cache_dir() == str(expected)  # inductor's own lookup
     assert triton_cache_dir(0) == str(expected / "triton" / "0")
@@ -36,10 +38,10 @@ def test_default_is_the_users_cache_folder_and_inductor_uses_it(clean_env):
 
 def test_ultragen_cache_dir_and_xdg(clean_env, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(clean_env / "xdg"))
-    assert compile_cache_dir() == clean_env / "xdg" / "ultragen" / "compile"
+    assert compile_cache_dir() == clean_env / "xdg" / "ultragen" / "compile" / ISA
     monkeypatch.setenv("ULTRAGEN_CACHE_DIR", str(clean_env / "mine"))
-    assert use_persistent_compile_cache() == clean_env / "mine" / "compile"
-    assert cache_dir() == str(clean_env / "mine" / "compile")
+    assert use_persistent_compile_cache() == clean_env / "mine" / "compile" / ISA
+    assert cache_dir() == str(clean_env / "mine" / "compile" / ISA)
 
 
 def test_the_users_inductor_dir_wins_but_inductors_tmp_default_does_not(clean_env, monkeypatch):
@@ -47,7 +49,7 @@ def test_the_users_inductor_dir_wins_but_inductors_tmp_default_does_not(clean_en
     assert use_persistent_compile_cache() == clean_env / "chosen"
     assert cache_dir() == str(clean_env / "chosen")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes there by itself
-    assert use_persistent_compile_cache() == clean_env / "home" / ".cache" / "ultragen" / "compile"
+    assert use_persistent_compile_cache() == clean_env / "home" / ".cache" / "ultragen" / "compile" / ISA
 
 
 def test_cache_size_counts_the_files(clean_env):
@@ -67,4 +69,4 @@ def test_compile_blocks_uses_the_persistent_cache(clean_env, monkeypatch, hier_c
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)  # nothing compiles here
     hier_class(model(), backend="reference").compile_blocks()
     assert len(compiled) == 2
-    assert cache_dir() == str(clean_env / "home" / ".cache" / "ultragen" / "compile")
+    assert cache_dir() == str(clean_env / "home" / ".cache" / "ultragen" / "compile" / ISA)

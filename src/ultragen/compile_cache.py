@@ -9,7 +9,9 @@ generate`` then compiles from scratch. We point it at a user cache directory ins
 caches"):
 
 - ``$ULTRAGEN_CACHE_DIR/compile`` when ``ULTRAGEN_CACHE_DIR`` is set, else ``$XDG_CACHE_HOME/ultragen/compile``
-  (``~/.cache/ultragen/compile``);
+  (``~/.cache/ultragen/compile``), one folder below it per CPU instruction set ATen runs with (``cpu-avx512``,
+  ``cpu-avx2``: ``ATEN_CPU_CAPABILITY``). Sharing one folder, a suite run under ``ATEN_CPU_CAPABILITY=avx2`` after
+  an AVX-512 run gave NaN in compiled CPU blocks that a fresh folder did not (seen once here; not root-caused);
 - a ``TORCHINDUCTOR_CACHE_DIR`` the user set wins (it is left alone).
 
 Dynamo itself still traces the Python code in each new process (seconds); what the cache saves is inductor's code
@@ -31,10 +33,12 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 def compile_cache_dir() -> Path:
     """Where ultragen keeps the compile caches (created by :func:`use_persistent_compile_cache`)."""
+    import torch
+
     root = os.environ.get(ENV_ROOT)
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ultragen"
-    return Path(root).expanduser() / "compile"
+    return Path(root).expanduser() / "compile" / f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 def use_persistent_compile_cache() -> Path:
