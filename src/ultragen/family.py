@@ -153,6 +153,41 @@ class ModelFamily(ABC):
     def load_style_lora(self, pipe, lora, adapter_name: str):
         """Load a style LoRA with diffusers' loader of this family; returns ``LoadedStyleLora``."""
 
+    # --- training --------------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load_transformer(self, model: str, dtype: torch.dtype):
+        """Only the transformer of ``model`` (training needs no text encoder or VAE); MissingWeightsError if absent."""
+
+    @abstractmethod
+    def with_transformer(self, model: str, transformer):
+        """The family's pipeline of ``model`` around ``transformer`` (shared, not copied; validation samples)."""
+
+    @abstractmethod
+    def text_token_limit(self, pipe) -> int:
+        """The most prompt tokens the model's tokenizer takes (the default is ``defaults(pipe).text_tokens``)."""
+
+    @abstractmethod
+    def encode_text(self, pipe, captions: list[str], text_tokens: int) -> Prompt:
+        """Prompt embeddings of ``captions`` for the training cache (``negative`` None; ``pooled`` None for families
+        without a pooled embedding)."""
+
+    @abstractmethod
+    def encode_images(self, pipe, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> their latent grid (B, C, H / latent_px, W / latent_px): the VAE posterior's
+        mode in the transformer's space (the same grid :meth:`decode` takes)."""
+
+    @abstractmethod
+    def sample_images(self, pipe, prompt: str, size_px: int, steps: int, guidance: float, generator,
+                      text_tokens: int) -> list:
+        """One square image of ``prompt`` drawn by the stock pipeline (``train prepare --generate``), as PIL.
+        ``guidance``: the guidance embedding's scale, or the CFG scale of families without one (0: none)."""
+
+    @abstractmethod
+    def train_velocity(self, hier, x: torch.Tensor, prompt: Prompt, t: torch.Tensor, plan: AttentionPlan,
+                       guide: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """The hierarchical transformer's velocity (B, hires_tokens, C) for the flow-matching loss: window-first
+        hires ``x`` at sigma ``t`` (B,), tile-first clean ``guide``, ``guidance`` (B,) or None, no CFG."""
+
     # --- benchmarks ----------------------------------------------------------------------------------------------
     @abstractmethod
     def random_transformer(self, config: dict, device: str, dtype: torch.dtype, seed: int = 0):

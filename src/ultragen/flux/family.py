@@ -173,6 +173,50 @@ class Flux1Family(ModelFamily):
 
         return load_style_lora(pipe, lora, adapter_name)
 
+    # --- training --------------------------------------------------------------------------------------------------
+    def load_transformer(self, model, dtype):
+        if model in self.tiny_models:
+            from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+            return tiny_flux_pipeline(dtype).transformer
+        from diffusers import FluxTransformer2DModel
+
+        from ultragen.pipeline.loading import _from_pretrained
+
+        return _from_pretrained(FluxTransformer2DModel, model, subfolder="transformer", torch_dtype=dtype)
+
+    def with_transformer(self, model, transformer):
+        from diffusers import FluxPipeline
+
+        if model in self.tiny_models:
+            from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+            return FluxPipeline(**{**tiny_flux_pipeline(transformer.dtype).components, "transformer": transformer})
+        from ultragen.pipeline.loading import _from_pretrained
+
+        return _from_pretrained(FluxPipeline, model, transformer=transformer, torch_dtype=transformer.dtype)
+
+    def text_token_limit(self, pipe):
+        return getattr(pipe.tokenizer_2, "model_max_length", 512)
+
+    def encode_text(self, pipe, captions, text_tokens):
+        embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=pipe.transformer.device,
+                                               max_sequence_length=text_tokens)
+        return Prompt(embeds, pooled)
+
+    def encode_images(self, pipe, images):
+        from ultragen.pipeline.latents import to_model_space
+
+        vae = pipe.vae
+        return to_model_space(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode(), vae)
+
+    def sample_images(self, pipe, prompt, size_px, steps, guidance, generator, text_tokens):
+        return pipe(prompt=prompt, height=size_px, width=size_px, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, max_sequence_length=text_tokens).images
+
+    def train_velocity(self, hier, x, prompt, t, plan, guide, guidance):
+        return hier(x, prompt.embeds, prompt.pooled, t, plan, guide=guide, guidance=guidance)
+
     # --- benchmarks ----------------------------------------------------------------------------------------------
     def random_transformer(self, config, device, dtype, seed=0):
         from ultragen.bench.models import random_flux

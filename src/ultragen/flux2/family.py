@@ -260,6 +260,57 @@ class Flux2Family(ModelFamily):
                              f"{str(error).splitlines()[0][:200]}") from None
         return LoadedStyleLora(lora, adapter_name, ("transformer",))
 
+    # --- training --------------------------------------------------------------------------------------------------
+    def load_transformer(self, model, dtype):
+        if model in self.tiny_models:
+            from ultragen.flux2.tiny import tiny_klein_transformer
+
+            transformer = tiny_klein_transformer()
+            return transformer if dtype == torch.float32 else transformer.to(dtype)
+        from diffusers import Flux2Transformer2DModel
+
+        from ultragen.pipeline.loading import from_pretrained
+
+        return from_pretrained(Flux2Transformer2DModel, model, subfolder="transformer", dtype=dtype)
+
+    def with_transformer(self, model, transformer):
+        from diffusers import Flux2KleinPipeline
+
+        if model in self.tiny_models:
+            from ultragen.flux2.tiny import tiny_klein_pipeline
+
+            pipe = tiny_klein_pipeline(transformer.dtype, is_distilled=model != TINY_BASE)
+            return Flux2KleinPipeline(**{**pipe.components, "transformer": transformer},
+                                      is_distilled=pipe.config.is_distilled)
+        from ultragen.pipeline.loading import from_pretrained
+
+        return from_pretrained(Flux2KleinPipeline, model, dtype=transformer.dtype, transformer=transformer)
+
+    def text_token_limit(self, pipe):
+        from ultragen.flux2.text import TEXT_TOKENS
+
+        limit = getattr(pipe.tokenizer, "model_max_length", TEXT_TOKENS)
+        return limit if limit < 10**6 else TEXT_TOKENS
+
+    def encode_text(self, pipe, captions, text_tokens):
+        from ultragen.flux2.text import encode_prompts
+
+        return Prompt(encode_prompts(pipe.text_encoder, pipe.tokenizer, captions, text_tokens=text_tokens,
+                                     hidden_layers=_hidden_layers(pipe.text_encoder),
+                                     device=pipe.transformer.device, dtype=pipe.transformer.dtype))
+
+    def encode_images(self, pipe, images):
+        vae = pipe.vae
+        return vae_to_grid(vae, vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode())
+
+    def sample_images(self, pipe, prompt, size_px, steps, guidance, generator, text_tokens):
+        layers = _hidden_layers(pipe.text_encoder)
+        return pipe(prompt=prompt, height=size_px, width=size_px, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, max_sequence_length=text_tokens, text_encoder_out_layers=layers).images
+
+    def train_velocity(self, hier, x, prompt, t, plan, guide, guidance):
+        return hier(x, prompt.embeds, t, plan, guide=guide, guidance=guidance)
+
     # --- benchmarks ----------------------------------------------------------------------------------------------
     def random_transformer(self, config, device, dtype, seed=0):
         from diffusers import Flux2Transformer2DModel

@@ -3,14 +3,17 @@
 Folder layout (``ultragen train prepare --out CACHE``)::
 
     CACHE/shard-00000.safetensors   hires (n, N, C) and guide (n, G, C) packed latents in raster order,
-                                    text (n, T, D) T5 embeddings, pooled (n, P) CLIP embeddings
+                                    text (n, T, D) prompt embeddings (FLUX.1: T5; FLUX.2: stacked Qwen3
+                                    hidden states), pooled (n, P) pooled embeddings (FLUX.1: CLIP; P = 0 for
+                                    families without one)
     CACHE/empty.safetensors         text (T, D), pooled (P): the empty caption (caption dropout)
     CACHE/items.jsonl               one {"index", "file", "caption"} a line (provenance)
     CACHE/images/                   only with --generate: the base model's images and their .txt captions
     CACHE/manifest.json             written last: the commit point; without it the cache is unfinished
 
-Latents are the VAE posterior's mode, ``(z - shift_factor) * scaling_factor``, packed 2x2 into tokens with
-``ultragen.pipeline.latents.pack`` (diffusers' packing) (N = (size/16)^2 tokens, G = N / rho^2, C = 4 x latent channels).
+Latents are the family's latent grid of the VAE posterior's mode (``ModelFamily.encode_images``; FLUX.1:
+``(z - shift_factor) * scaling_factor``; FLUX.2: patchified and BatchNorm-normalised), packed with the family's
+``pack`` (N = (size/16)^2 tokens, G = N / rho^2, C = the transformer's in_channels: FLUX.1 64, klein 128).
 Every write is atomic (temporary file, fsync, rename).
 """
 
@@ -45,9 +48,9 @@ class CacheManifest:
     window_tokens: int  # the defaults training uses; latents do not depend on them
     block_tokens: int
     text_tokens: int
-    channels: int  # packed latent channels (FLUX.1: 64)
-    joint_dim: int  # T5 embedding width
-    pooled_dim: int  # CLIP pooled width
+    channels: int  # packed latent channels (FLUX.1: 64, klein: 128)
+    joint_dim: int  # prompt embedding width
+    pooled_dim: int  # pooled embedding width (0: the family has none)
     count: int
     shards: list  # [{"file": NAME, "count": n, "bytes": size}]
     prepare: dict  # the PrepareConfig record
@@ -196,7 +199,7 @@ class TrainingCache:
         m = self.manifest
         widths = (("channels", m.channels, transformer_config.in_channels),
                   ("joint_dim", m.joint_dim, transformer_config.joint_attention_dim),
-                  ("pooled_dim", m.pooled_dim, transformer_config.pooled_projection_dim))
+                  ("pooled_dim", m.pooled_dim, getattr(transformer_config, "pooled_projection_dim", None) or 0))
         for name, cached, needed in widths:
             if cached != needed:
                 raise ValueError(f"cache {self.root / MANIFEST} has {name}={cached} but the transformer of "

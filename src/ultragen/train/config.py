@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # imported where used: building the command line must not imp
     from ultragen.flux.lora import LoraTargets
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context
+MAX_TEXT_TOKENS = 512  # FLUX.1's T5 context and klein's prompt length
 
 
 class Optimizer(str, Enum):
@@ -65,7 +65,7 @@ class PrepareConfig:
     ``images_dir``: a folder of images (searched recursively) with captions in ``NAME.txt`` sidecars or in
     ``captions_file`` (JSONL: ``{"file": "relative/path.png", "caption": "..."}``). Each image is resized so its
     shortest side is ``size_px`` and centre-cropped to a square; the guide is its antialiased downsample by ``rho``.
-    ``text_tokens`` None: 512 for guidance-distilled models (FLUX.1-dev), 256 otherwise, at most the tokenizer's.
+    ``text_tokens`` None: the model's default (FLUX.1-dev and klein 512, schnell 256), at most the tokenizer's.
     """
 
     model: str

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ultragen.flux import HierFluxTransformer
-from ultragen.flux.lora import LoraMetadata, save_guide_lora
+from ultragen.family import ModelFamily, family_of_model
+from ultragen.flux.lora import LoraMetadata
 from ultragen.layout import HierLayout, make_layout
 from ultragen.pipeline.loading import normalise_model
 from ultragen.policy import build_plan, get_policy
@@ -145,7 +145,7 @@ class _Run:
     layout: HierLayout
     plan: object
     transformer: torch.nn.Module
-    hier: HierFluxTransformer
+    hier: torch.nn.Module  # the family's hierarchical transformer
     model: torch.nn.Module  # hier as prepared by accelerate (DDP-wrapped with several processes)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -155,6 +155,7 @@ class _Run:
     guidance: float | None
     dtype: torch.dtype
     log_line: Callable[[str], None]
+    family: ModelFamily
     history: list[dict] = field(default_factory=list)
     val_losses: dict[int, float] = field(default_factory=dict)
 
@@ -168,22 +169,23 @@ def _build(config: TrainConfig, run_dir: Path, log_line) -> _Run:
     cache = TrainingCache(config.cache_dir)
     cache.check_run(config.model, config.size_px, config.rho)  # before any weights are loaded
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+    family = family_of_model(config.model)
     transformer = load_transformer(config.model, dtype)
     cache.check_transformer(config.model, transformer.config)
     layout = training_layout(config, cache)
     train_items, val_items = split_items(len(cache), config.val_items)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the LoRA's A matrices: the same initial adapter for the same seed
-        params = add_trainable_lora(transformer, config.rank, config.alpha, config.targets)
-    hier = HierFluxTransformer(transformer, backend="reference", ntk_factor=config.ntk_factor, cache_guide=False)
+        params = add_trainable_lora(transformer, config.rank, config.alpha, config.targets, family)
+    hier = family.hierarchical(transformer, backend="reference", ntk_factor=config.ntk_factor, cache_guide=False)
     hier.enable_gradient_checkpointing(config.gradient_checkpointing)
     optimizer = make_optimizer(config, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(hier, optimizer)
     sampler = Sampler(train_items, config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
-    guidance = config.guidance if transformer.config.guidance_embeds else None
+    guidance = config.guidance if getattr(transformer.config, "guidance_embeds", False) else None
     return _Run(config, accelerator, run_dir, cache, layout, build_plan(layout, config.policy), transformer, hier,
-                model, params, optimizer, scheduler, sampler, val_items, guidance, dtype, log_line)
+                model, params, optimizer, scheduler, sampler, val_items, guidance, dtype, log_line, family)
 
 
 def _validate(run: _Run, step: int) -> None:
@@ -191,7 +193,7 @@ def _validate(run: _Run, step: int) -> None:
     if run.val_items and run.main:
         with run.accelerator.autocast():
             value = validation_loss(run.hier, run.cache, run.val_items, run.layout, run.plan, run.guidance,
-                                    run.accelerator.device, run.dtype)
+                                    run.accelerator.device, run.dtype, run.family)
         run.val_losses[step] = value
         rundir.append_log(run.run_dir, {"step": step, "val_loss": value})
         run.log_line(f"step {step}: validation loss {value:.5f}")
@@ -213,7 +215,7 @@ def _step(run: _Run, step: int) -> dict:
         noised = draw(run.cache, batch, run.layout, g, config.caption_dropout, config.logit_mean, config.logit_std)
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else acc.no_sync(run.model):  # all-reduce once per step
-            loss = flow_loss(run.model, noised, run.plan, run.guidance, acc.device, run.dtype)
+            loss = flow_loss(run.model, noised, run.plan, run.guidance, acc.device, run.dtype, run.family)
             acc.backward(loss / config.grad_accum)
         losses.append(loss.detach())
     grad_norm = acc.clip_grad_norm_(run.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
@@ -282,7 +284,7 @@ def train(config: TrainConfig, progress: bool = True, log_line: Callable[[str], 
     bar.close()
     lora_path = run_dir / rundir.FINAL_LORA
     if run.main:
-        save_guide_lora(run.transformer, lora_path, lora_metadata(config, run.layout, config.steps))
+        run.family.save_guide_lora(run.transformer, lora_path, lora_metadata(config, run.layout, config.steps))
         log_line(f"wrote {lora_path}")
     run.accelerator.wait_for_everyone()
     return TrainResult(run_dir, lora_path, config.steps, run.history, run.val_losses, run.transformer)

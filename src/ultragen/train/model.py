@@ -1,33 +1,27 @@
-"""The model side of training: load only the transformer, freeze it, add the trainable guide LoRA."""
+"""The model side of training: load only the transformer, freeze it, add the trainable guide LoRA (any family)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ultragen.flux.lora import LoraTargets, add_guide_lora
-from ultragen.pipeline.loading import TINY_RANDOM, _from_pretrained
+from ultragen.family import ModelFamily, family_named, family_of_model
 
 
 def load_transformer(model: str, dtype: torch.dtype) -> nn.Module:
-    """The FLUX.1 transformer of ``model`` (hub id, local diffusers folder, or ``tiny-random``) in ``dtype``,
-    without its text encoders and VAE. A missing model raises MissingWeightsError (a ValueError) that says what to
-    download."""
-    if model == TINY_RANDOM:
-        from ultragen.pipeline.tiny import tiny_flux_pipeline
-
-        return tiny_flux_pipeline(dtype).transformer
-    from diffusers import FluxTransformer2DModel
-
-    return _from_pretrained(FluxTransformer2DModel, model, subfolder="transformer", torch_dtype=dtype)
+    """The transformer of ``model`` (hub id, local diffusers folder, or a tiny name; family from its
+    model_index.json) in ``dtype``, without its text encoders and VAE. A missing model raises MissingWeightsError
+    (a ValueError) that says what to download."""
+    return family_of_model(model).load_transformer(model, dtype)
 
 
-def add_trainable_lora(transformer: nn.Module, rank: int, alpha: float,
-                       targets: LoraTargets | str) -> list[nn.Parameter]:
-    """Freeze every weight of ``transformer``, inject a fresh guide LoRA and return its parameters (float32, the
-    only ones with ``requires_grad``; B starts at zero, so step 0 is the base model)."""
+def add_trainable_lora(transformer: nn.Module, rank: int, alpha: float, targets,
+                       family: ModelFamily | None = None) -> list[nn.Parameter]:
+    """Freeze every weight of ``transformer``, inject a fresh guide LoRA of ``family`` (None: FLUX.1) on its
+    ``targets`` (the family's LoraTargets value: "qkv" or "wide") and return its parameters (float32, the only ones
+    with ``requires_grad``; B starts at zero, so step 0 is the base model)."""
     transformer.requires_grad_(False)
-    add_guide_lora(transformer, rank=rank, alpha=alpha, targets=targets)
+    (family or family_named("flux1")).add_guide_lora(transformer, rank, alpha, str(getattr(targets, "value", targets)))
     params = []
     for name, param in transformer.named_parameters():
         is_lora = "lora_" in name

@@ -3,6 +3,7 @@
 x_t = (1 - t) x0 + t eps, target v = eps - x0, t = sigmoid(n) with n ~ N(mean, std^2) (logit-normal). The guide
 enters clean, at t = 0; the loss is the MSE over hires tokens only. Because nothing depends on hidden RNG state,
 a run stopped at step s and resumed computes exactly the batches the uninterrupted run would have.
+The model is the family's hierarchical transformer, called through ``ModelFamily.train_velocity`` (any family).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ultragen.family import ModelFamily, Prompt, family_named
 from ultragen.layout import HierLayout
 from ultragen.policy import AttentionPlan
 from ultragen.train.cache import CacheBatch, TrainingCache
@@ -62,7 +64,7 @@ class Noised:
     t: torch.Tensor  # (B,) sigma in [0, 1]
     guide: torch.Tensor  # (B, G, C) clean
     text: torch.Tensor  # (B, T, D)
-    pooled: torch.Tensor  # (B, P)
+    pooled: torch.Tensor  # (B, P); P = 0 for families without a pooled embedding (FLUX.2)
 
 
 def noise_batch(batch: CacheBatch, layout: HierLayout, t: torch.Tensor, eps: torch.Tensor) -> Noised:
@@ -88,21 +90,28 @@ def draw(cache: TrainingCache, batch: CacheBatch, layout: HierLayout, g: torch.G
     return noise_batch(batch, layout, t, eps)
 
 
+def _family(family: ModelFamily | None) -> ModelFamily:
+    return family if family is not None else family_named("flux1")
+
+
 def flow_loss(model, noised: Noised, plan: AttentionPlan, guidance: float | None, device: torch.device,
-              dtype: torch.dtype) -> torch.Tensor:
-    """MSE between the predicted and the target velocity over the hires tokens (a float32 scalar)."""
+              dtype: torch.dtype, family: ModelFamily | None = None) -> torch.Tensor:
+    """MSE between the predicted and the target velocity over the hires tokens (a float32 scalar). ``model``: the
+    hierarchical transformer of ``family`` (None: FLUX.1), possibly wrapped for data parallelism."""
     b = noised.x_t.shape[0]
-    pred = model(
-        noised.x_t.to(device, dtype), noised.text.to(device, dtype), noised.pooled.to(device, dtype),
-        noised.t.to(device, dtype), plan, guide=noised.guide.to(device, dtype),
-        guidance=None if guidance is None else torch.full((b,), guidance, device=device, dtype=dtype),
+    pooled = noised.pooled.to(device, dtype) if noised.pooled.shape[-1] else None
+    pred = _family(family).train_velocity(
+        model, noised.x_t.to(device, dtype), Prompt(noised.text.to(device, dtype), pooled),
+        noised.t.to(device, dtype), plan, noised.guide.to(device, dtype),
+        None if guidance is None else torch.full((b,), guidance, device=device, dtype=dtype),
     )
     return torch.nn.functional.mse_loss(pred.float(), noised.target.to(device).float())
 
 
 @torch.no_grad()
 def validation_loss(model, cache: TrainingCache, val_items: list[int], layout: HierLayout, plan: AttentionPlan,
-                    guidance: float | None, device: torch.device, dtype: torch.dtype) -> float:
+                    guidance: float | None, device: torch.device, dtype: torch.dtype,
+                    family: ModelFamily | None = None) -> float:
     """Deterministic held-out loss: every validation item at each t of VAL_TIMESTEPS with its own fixed noise and
     its real caption. Equal weights give equal values, whatever the seed or the step."""
     losses = []
@@ -112,5 +121,5 @@ def validation_loss(model, cache: TrainingCache, val_items: list[int], layout: H
         for t in VAL_TIMESTEPS:
             eps = torch.randn(batch.hires.shape, generator=g)
             noised = noise_batch(batch, layout, torch.tensor([t]), eps)
-            losses.append(float(flow_loss(model, noised, plan, guidance, device, dtype)))
+            losses.append(float(flow_loss(model, noised, plan, guidance, device, dtype, family)))
     return sum(losses) / len(losses)

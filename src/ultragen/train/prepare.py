@@ -1,7 +1,8 @@
 """``ultragen train prepare``: images and captions -> a training cache (see :mod:`ultragen.train.cache`).
 
 Order of work: check the output folder and every input (nothing written yet), load the pipeline, optionally draw
-the training images with the base model, encode, write shards, write the manifest last.
+the training images with the base model, encode, write shards, write the manifest last. Any model family: text
+embeddings and latents come from the family (``ultragen.family``: ``encode_text``, ``encode_images``, ``pack``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ultragen.atomic import atomic_path
+from ultragen.family import family_of_model, family_of_pipeline
 from ultragen.train.cache import (
     EMPTY,
     ITEMS,
@@ -48,13 +50,13 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def resolve_text_tokens(config: PrepareConfig, pipe) -> int:
-    """512 (guidance-distilled FLUX.1-dev) or 256 (schnell), at most the T5 tokenizer's length."""
-    default = MAX_TEXT_TOKENS if pipe.transformer.config.guidance_embeds else 256
-    limit = getattr(pipe.tokenizer_2, "model_max_length", MAX_TEXT_TOKENS)
-    text = config.text_tokens or min(default, limit)
+def resolve_text_tokens(config: PrepareConfig, pipe, family=None) -> int:
+    """The model's default prompt length (FLUX.1-dev and klein 512, schnell 256), at most its tokenizer's."""
+    family = family or family_of_pipeline(pipe)
+    limit = min(family.text_token_limit(pipe), MAX_TEXT_TOKENS)
+    text = config.text_tokens or min(family.defaults(pipe).text_tokens, limit)
     if text > limit:
-        raise ValueError(f"text_tokens={text} is above what the model's T5 tokenizer allows ({limit}); use {limit}")
+        raise ValueError(f"text_tokens={text} is above what the model's text tokenizer allows ({limit}); use {limit}")
     check_geometry(config.size_px, config.rho, config.window_tokens, config.block_tokens, text)
     return text
 
@@ -70,10 +72,9 @@ def prepare_cache(config: PrepareConfig, device: str | torch.device | None = Non
     prompts = read_prompts(config.prompts_file) if config.generate_count else []
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from ultragen.pipeline.loading import load_flux_pipeline
-
-    pipe = load_flux_pipeline(config.model, dtype).to(device)
-    text_tokens = resolve_text_tokens(config, pipe)
+    family = family_of_model(config.model)
+    pipe = family.load_pipeline(config.model, dtype).to(device)
+    text_tokens = resolve_text_tokens(config, pipe, family)
     out.mkdir(parents=True, exist_ok=True)
     if config.generate_count:
         images_dir = generate_images(pipe, config, prompts, out / "images", text_tokens, progress)
@@ -91,7 +92,7 @@ def prepare_cache(config: PrepareConfig, device: str | torch.device | None = Non
     manifest = writer.finish(dict(
         model=normalise_model(config.model), size_px=config.size_px, rho=config.rho,
         window_tokens=config.window_tokens, block_tokens=config.block_tokens, text_tokens=text_tokens,
-        channels=cfg.in_channels, joint_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+        channels=cfg.in_channels, joint_dim=cfg.joint_attention_dim, pooled_dim=pooled.shape[-1],
         prepare=config.to_record(),
     ))
     log_line(f"wrote {manifest.count} items in {len(manifest.shards)} shards to {out}")
@@ -99,18 +100,17 @@ def prepare_cache(config: PrepareConfig, device: str | torch.device | None = Non
 
 
 def encode_text(pipe, captions: list[str], text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, D) T5 embeddings and (B, P) CLIP pooled embeddings, as FluxPipeline computes them."""
-    embeds, pooled, _ = pipe.encode_prompt(captions, prompt_2=None, device=pipe.transformer.device,
-                                           max_sequence_length=text_tokens)
-    return embeds, pooled
+    """(B, T, D) prompt embeddings and (B, P) pooled embeddings as the family's pipeline computes them (P = 0 for
+    families without a pooled embedding: FLUX.2)."""
+    prompt = family_of_pipeline(pipe).encode_text(pipe, captions, text_tokens)
+    pooled = prompt.pooled if prompt.pooled is not None else prompt.embeds.new_zeros(prompt.embeds.shape[0], 0)
+    return prompt.embeds, pooled
 
 
 def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> packed, scaled and shifted latents (B, H/16 * W/16, 4 * latent channels)."""
-    from ultragen.pipeline.latents import pack, to_model_space
-
-    vae = pipe.vae
-    return pack(to_model_space(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode(), vae))
+    """(B, 3, H, W) in [-1, 1] -> packed latents in the transformer's space (B, H/16 * W/16, in_channels)."""
+    family = family_of_pipeline(pipe)
+    return family.pack(family.encode_images(pipe, images))
 
 
 def encode_items(pipe, items: list[Item], config: PrepareConfig, text_tokens: int) -> dict[str, torch.Tensor]:
@@ -126,15 +126,17 @@ def generate_images(pipe, config: PrepareConfig, prompts: list[str], images_dir:
     """The paper's data: ``generate_count`` images drawn by the base model (prompts cycled, seed ``seed + i``),
     saved as PNG with a ``.txt`` caption each."""
     images_dir.mkdir(parents=True)
-    guided = pipe.transformer.config.guidance_embeds
-    steps = config.generate_steps or (28 if guided else 4)
+    family = family_of_pipeline(pipe)
+    defaults = family.defaults(pipe)
+    steps = config.generate_steps or defaults.guide_steps  # FLUX.1-dev 28, schnell 4, klein 4, klein-base 50
+    # the guidance embedding's scale, else the model's own CFG (klein-base), else none
+    guidance = config.generate_guidance if defaults.guidance_scale is not None else (
+        defaults.guide_true_cfg_scale or 0.0)
     pipe.set_progress_bar_config(disable=True)
     for i in tqdm(range(config.generate_count), desc="generate", disable=not progress):
         prompt = prompts[i % len(prompts)]
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
-        image = pipe(prompt, height=config.size_px, width=config.size_px, num_inference_steps=steps,
-                     guidance_scale=config.generate_guidance if guided else 0.0, generator=generator,
-                     max_sequence_length=text_tokens).images[0]
+        image = family.sample_images(pipe, prompt, config.size_px, steps, guidance, generator, text_tokens)[0]
         name = f"{i:06d}"
         with atomic_path(images_dir / f"{name}.png") as tmp:  # the training step reads it: never a partial PNG
             image.save(tmp, format="PNG")

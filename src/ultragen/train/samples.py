@@ -24,18 +24,10 @@ _SKIPPED: set[int] = set()
 def _pipeline(transformer, model: str):
     key = id(transformer)
     if key not in _PIPELINES:
-        from diffusers import FluxPipeline
-
-        from ultragen.pipeline.loading import TINY_RANDOM, _from_pretrained
+        from ultragen.family import family_of_model
         from ultragen.pipeline.two_stage import UltraGenPipeline
 
-        if model == TINY_RANDOM:
-            from ultragen.pipeline.tiny import tiny_flux_pipeline
-
-            flux = tiny_flux_pipeline(transformer.dtype)
-            flux = FluxPipeline(**{**flux.components, "transformer": transformer})
-        else:
-            flux = _from_pretrained(FluxPipeline, model, transformer=transformer, torch_dtype=transformer.dtype)
+        flux = family_of_model(model).with_transformer(model, transformer)
         _PIPELINES[key] = UltraGenPipeline(flux.to(transformer.device), model=model)
     return _PIPELINES[key]
 
