@@ -6,6 +6,7 @@ the LoRA loaded by diffusers), LoRA deltas merged into the weights by hand, and 
 import hashlib
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -344,7 +345,7 @@ def test_each_image_record_names_every_lora_file_with_sha256_and_scale(tmp_path,
                  "--guide-steps", "2", "--steps", "3", "--warm-start-skip", "1", "--quiet", "--device", "cpu",
                  "--out", str(out), "--style-lora", f"{style_file}:0.75", "--style-lora", str(second)]) == 0
     expected = [{"kind": "style", "path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-                 "scale": s} for p, s in [(style_file, 0.75), (second, 1.0)]]
+                 "scale": s, "fused": False} for p, s in [(style_file, 0.75), (second, 1.0)]]
     assert json.loads(out.with_suffix(".json").read_text())["lora_files"] == expected
     assert json.loads(Image.open(out).text["lora_files"]) == expected
 
@@ -361,3 +362,87 @@ def test_a_guide_lora_loaded_after_a_style_lora_leaves_both_active_and_both_reco
     kinds = [(r["kind"], r["path"], r["sha256"], r["scale"]) for r in pipe.lora_records()]
     assert kinds == [("guide", str(guide_path.resolve()), hashlib.sha256(guide_path.read_bytes()).hexdigest(), 1.0),
                      ("style", str(style_file.resolve()), hashlib.sha256(style_file.read_bytes()).hexdigest(), 0.5)]
+
+
+# --- fused on request -----------------------------------------------------------------------------------------------
+def lora_adapter_names(module: torch.nn.Module) -> set[str]:
+    """Every adapter name any LoRA layer of ``module`` still holds."""
+    return {name for m in module.modules() if hasattr(m, "lora_A") for name in m.lora_A}
+
+
+def test_fused_style_lora_equals_unfused_with_the_guide_lora_routed_and_leaves_only_the_guide_adapter(style_file):
+    """Whole pipeline (stage A, then the hierarchical pass reading the guide, guide LoRA on the guide tokens): a
+    fused style LoRA gives the unfused output; afterwards only the guide adapter is left, still active."""
+    unfused = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
+    fused = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
+    for pipe in (unfused, fused):
+        guide_lora(pipe)
+    base = unfused("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents
+    unfused.load_style_lora(style_file, scale=0.8)
+    expected = unfused("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents
+    fused("a red fox", SIZE, SIZE, **PIPE_KWARGS)  # a cached guide of the base weights, to be dropped by fusing
+    loaded = fused.load_style_lora(style_file, scale=0.8, fuse=True)
+    assert loaded.fused and fused.style_loras == (loaded,)
+    assert lora_adapter_names(fused.flux.transformer) == {"guide"}
+    assert lora_adapter_names(fused.flux.text_encoder) == set()
+    to_q = fused.flux.transformer.transformer_blocks[0].attn.to_q
+    assert to_q.active_adapters == ["guide"] and to_q.merged_adapters == [] and not to_q.merged
+    actual = fused("a red fox", SIZE, SIZE, **PIPE_KWARGS).latents
+    assert (expected - base).abs().max() > 1e-3, "the style LoRA has no effect, so the test proves nothing"
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert fused.lora_records()[-1]["fused"] is True and unfused.lora_records()[-1]["fused"] is False
+
+
+def test_fused_style_loras_refuse_to_unload_in_one_line(style_file):
+    pipe = UltraGenPipeline(tiny_flux_pipeline(), model="tiny-random")
+    pipe.load_style_lora(style_file, fuse=True)
+    with pytest.raises(ValueError, match="fused into the base weights.*load the pipeline again") as error:
+        pipe.unload_style_loras()
+    assert "\n" not in str(error.value)
+
+
+def test_generate_fuses_style_loras_before_fp8_quantisation(tmp_path, style_file, monkeypatch):
+    """--fuse-style-loras --fp8: merge into the bf16 weights, then quantize, then add the guide LoRA (the
+    quantiser is replaced by a recorder: no torchao on the CPU)."""
+    import ultragen.flux.fp8 as fp8
+    import ultragen.pipeline.job as job_module
+    from test_pipeline_cli import _lora_file
+
+    calls = []
+    real_fuse, real_load_lora = UltraGenPipeline.fuse_style_loras, UltraGenPipeline.load_lora
+
+    def fuse(self):
+        calls.append("fuse")
+        real_fuse(self)
+
+    def load_lora(self, *args, **kwargs):
+        calls.append("guide")
+        return real_load_lora(self, *args, **kwargs)
+
+    def quantize(transformer):
+        # the style LoRA is already in the weights and no style adapter is left when quantizing
+        calls.append(("quantize", lora_adapter_names(transformer)))
+
+    monkeypatch.setattr(UltraGenPipeline, "fuse_style_loras", fuse)
+    monkeypatch.setattr(UltraGenPipeline, "load_lora", load_lora)
+    monkeypatch.setattr(fp8, "quantize_blocks_fp8", quantize)
+    guide = _lora_file(tmp_path, rho=4, trained=True)
+    config = job_module.GenerationConfig(height_px=SIZE, width_px=SIZE, model="tiny-random", steps=3,
+                                         guide_steps=2, warm_start_skip=1, lora_path=str(guide))
+    job = job_module.prepare_generation(config, "a red fox", None, str(tmp_path / "fox.png"), device="cpu",
+                                        lora_allow_mismatch=True, style_loras=(StyleLoraSpec(str(style_file), 0.5),),
+                                        fuse_style_loras=True, log=lambda *_: None)
+    job = replace(job, config=replace(job.config, fp8=True))  # prepare_generation refuses --fp8 on the CPU
+    records = job_module.generate_files(job, progress=False, log=lambda *_: None)
+    assert calls == ["fuse", ("quantize", set()), "guide"]
+    assert records[0]["lora_files"][-1]["fused"] is True
+
+
+def test_cli_fuse_style_loras_without_a_style_lora_is_refused_in_one_line(tmp_path, capsys):
+    from ultragen.cli import main
+
+    code = main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--width", str(SIZE), "--height",
+                 str(SIZE), "--quiet", "--device", "cpu", "--out", str(tmp_path / "fox.png"), "--fuse-style-loras"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--fuse-style-loras" in err and "--style-lora" in err
+    assert not list(tmp_path.iterdir())

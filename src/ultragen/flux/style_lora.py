@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -33,10 +33,15 @@ class LoadedStyleLora:
     file: StyleLoraFile
     adapter_name: str
     components: tuple[str, ...]  # the pipeline components it has LoRA layers in ("transformer", "text_encoder")
+    fused: bool = False  # merged into the base weights (:func:`fuse_style_loras`): its adapter is gone
 
     @property
     def scale(self) -> float:
         return self.file.spec.scale
+
+    def record(self) -> dict:
+        """What an image's record says: the file (path, SHA-256, scale) and whether it was fused into the weights."""
+        return {"kind": "style", **self.file.record(), "fused": self.fused}
 
 
 def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,6 +159,30 @@ def load_style_lora(flux, lora: StyleLoraFile, adapter_name: str) -> LoadedStyle
         flux.load_lora_weights(_copy(lora.tensors), adapter_name=adapter_name)
     present = tuple(c for c in _COMPONENTS if any(k.startswith(f"{c}.") for k in state))
     return LoadedStyleLora(lora, adapter_name, present)
+
+
+def fuse_style_loras(pipe, loras: tuple[LoadedStyleLora, ...]) -> tuple[LoadedStyleLora, ...]:
+    """Merge the unfused ``loras`` into the base weights of ``pipe`` (a diffusers pipeline with
+    ``LoraLoaderMixin``) with diffusers' ``fuse_lora`` at the scales ``set_adapters`` gave them (the caller
+    activates them first), then delete their adapters: the per-step path has no extra matmuls. Other adapters (the
+    guide LoRA) stay as they are. Returns ``loras`` marked fused. Not undoable exactly (W + s B A, rounded in the
+    weights' dtype); reload the pipeline for the base weights.
+
+    PEFT's ``delete_adapter`` leaves a deleted name in a layer's ``merged_adapters``, which makes PEFT's forward
+    skip every remaining adapter (``layer.merged``) and ``disable_adapters`` try to unmerge it: those names are
+    dropped here."""
+    names = [s.adapter_name for s in loras if not s.fused]
+    if not names:
+        return loras
+    components = [c for c in _COMPONENTS if any(c in s.components for s in loras if not s.fused)]
+    with _quiet_diffusers():
+        pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=names)
+        pipe.delete_adapters(names)
+    for component in components:
+        for module in getattr(pipe, component).modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merged_adapters = [n for n in module.merged_adapters if n not in names]
+    return tuple(s if s.fused else replace(s, fused=True) for s in loras)
 
 
 def check_style_lora_file(spec: StyleLoraSpec) -> StyleLoraFile:

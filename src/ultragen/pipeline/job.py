@@ -43,6 +43,7 @@ class GenerationJob:
     dtype: str
     lora_allow_mismatch: bool = False
     style_loras: tuple = ()  # ultragen.style_lora.StyleLoraSpec, in loading order
+    fuse_style_loras: bool = False  # merge them into the base weights (before FP8) instead of adapters
 
     def seeds(self) -> list[int]:
         return [self.config.seed + i for i in range(len(self.prompts))]
@@ -88,7 +89,8 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 
 def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_file: str | None, out: str | None,
                        force: bool = False, device: str = "auto", dtype: str = "auto",
-                       lora_allow_mismatch: bool = False, log=print, style_loras=()) -> GenerationJob:
+                       lora_allow_mismatch: bool = False, log=print, style_loras=(),
+                       fuse_style_loras: bool = False) -> GenerationJob:
     """Check the whole run before any weights are loaded, as far as the real run would check it (the model's files,
     the LoRA, the attention backend on this device); raises ValueError with the value, the rule and the fix.
 
@@ -101,6 +103,9 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
         raise ValueError(f"seed={config.seed} + {len(prompts) - 1} prompts passes the largest seed 2**63-1")
     outputs = plan_outputs(out, prompts, seeds, force)
     device, dtype = resolve_device(device, dtype)
+    if fuse_style_loras and not style_loras:
+        raise ValueError("--fuse-style-loras merges style LoRAs into the weights but no --style-lora was given; add "
+                         "--style-lora FILE[:SCALE] or leave out --fuse-style-loras")
     if config.fp8 and device == "cpu":
         raise ValueError("--fp8 needs a CUDA GPU (compute capability 8.9+); leave it out on the CPU")
     info = inspect_model(config.model)
@@ -116,7 +121,7 @@ def prepare_generation(config: GenerationConfig, prompt: str | None, prompts_fil
         check_lora_family(spec.path, family, config.model, kind="style LoRA")
         family.check_style_lora_file(spec)
     return GenerationJob(config, tuple(prompts), tuple(outputs), device, dtype, lora_allow_mismatch,
-                         tuple(style_loras))
+                         tuple(style_loras), fuse_style_loras)
 
 
 def _lora_reader(path: str, family=None):
@@ -223,6 +228,7 @@ def describe(job: GenerationJob) -> dict:
         "prompts": [{"prompt": p, "seed": s, "files": [str(f) for f in paths.all()]}
                     for p, s, paths in zip(job.prompts, job.seeds(), job.outputs)],
         "style_loras": [{"path": spec.path, "scale": spec.scale} for spec in job.style_loras],
+        "fuse_style_loras": job.fuse_style_loras,
         "device": job.device,
         "dtype": job.dtype,
     }
@@ -270,10 +276,13 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print, paralle
 
     pipe = UltraGenPipeline.from_pretrained(job.config.model, dtype=DTYPES[job.dtype]).to(job.device)
     pipe.parallel = parallel
-    pipe.prepare_weights(job.config)  # FP8, before any LoRA
+    if job.fuse_style_loras:  # merged into the bf16 weights, then quantized with them
+        for spec in job.style_loras:
+            pipe.load_style_lora(spec.path, scale=spec.scale, fuse=True)
+    pipe.prepare_weights(job.config)  # FP8, before any LoRA adapter
     if job.config.lora_path is not None:
         pipe.load_lora(job.config.lora_path, pipe.resolve(job.config), allow_mismatch=job.lora_allow_mismatch)
-    for spec in job.style_loras:  # before any image: a LoRA that does not fit the model stops the run here
+    for spec in job.style_loras if not job.fuse_style_loras else ():  # before any image: a misfit stops the run here
         pipe.load_style_lora(spec.path, scale=spec.scale)
     records = []
     for prompt, seed, paths in zip(job.prompts, job.seeds(), job.outputs):

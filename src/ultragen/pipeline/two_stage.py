@@ -88,8 +88,8 @@ class UltraGenPipeline:
     model (4B, 9B, their -base variants, ``tiny-random-klein[-base]``).
 
     Wraps the family's diffusers pipeline (``FluxPipeline`` or ``Flux2KleinPipeline``; its text encoders,
-    tokenizers, VAE, scheduler and transformer are used as they are; the transformer's weights are never modified,
-    a guide LoRA is added as a PEFT adapter). ``self.flux`` is that pipeline, ``self.family`` its
+    tokenizers, VAE, scheduler and transformer are used as they are; the transformer's weights are never modified
+    unless style LoRAs are fused on request, a guide LoRA is added as a PEFT adapter). ``self.flux`` is that pipeline, ``self.family`` its
     :class:`ultragen.family.ModelFamily`. Style LoRAs (:meth:`load_style_lora`) are loaded by diffusers as further
     adapters and act as in stock diffusers.
     """
@@ -142,9 +142,10 @@ class UltraGenPipeline:
             return
         if not config.fp8:
             raise ValueError("this pipeline's transformer is already FP8; load a fresh pipeline for bf16 weights")
-        if self.lora_metadata is not None or self.style_loras:
+        if self.lora_metadata is not None or any(not s.fused for s in self.style_loras):
             raise ValueError("fp8=True must quantize the transformer before any LoRA is added; call prepare_weights "
-                             "(or generate once) before load_lora / load_style_lora")
+                             "(or generate once) before load_lora / load_style_lora (fused style LoRAs may come "
+                             "first: load_style_lora(path, fuse=True))")
         from ultragen.flux.fp8 import quantize_blocks_fp8
 
         quantize_blocks_fp8(self.flux.transformer)
@@ -164,11 +165,18 @@ class UltraGenPipeline:
         self._activate_adapters()  # diffusers' add_adapter made the guide LoRA the only active adapter
         return self.lora_metadata
 
-    def load_style_lora(self, path: str | os.PathLike, scale: float = 1.0):
+    def load_style_lora(self, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False):
         """Add a style LoRA (any FLUX.1 format diffusers reads: diffusers/PEFT, kohya, XLabs, ...; .safetensors only)
         at ``scale``. It acts on every token stream in both stages, as it does in stock diffusers; the guide LoRA
         acts on top of it on the guide tokens only. Refused (ValueError naming the file) when it is not a
-        safetensors file, is corrupt, or does not fit this model. Returns the loaded LoRA (file, SHA-256, adapter)."""
+        safetensors file, is corrupt, or does not fit this model. Returns the loaded LoRA (file, SHA-256, adapter).
+
+        ``fuse``: then merge it into the base weights (:meth:`fuse_style_loras`); with FP8, fuse before the first
+        FP8 image (the weights must still be bf16)."""
+        if fuse and self._fp8:
+            raise ValueError(f"cannot fuse style LoRA {os.fspath(path)!r}: this pipeline's transformer is already FP8; "
+                             f"load a fresh pipeline and fuse before the first fp8 image (ultragen generate "
+                             f"--fp8 --fuse-style-loras does)")
         from ultragen.family import check_lora_family
         from ultragen.style_lora import StyleLoraSpec, read_style_lora
 
@@ -178,24 +186,48 @@ class UltraGenPipeline:
         loaded = self.family.load_style_lora(self.flux, lora, adapter_name=f"style{self._style_loads}")
         self.style_loras = (*self.style_loras, loaded)
         self._activate_adapters()
+        if fuse:
+            self.fuse_style_loras()
+            loaded = self.style_loras[-1]
         return loaded
 
+    def fuse_style_loras(self) -> None:
+        """Merge every unfused style LoRA into the base weights (diffusers' ``fuse_lora`` at its scale) and delete
+        its adapter: no extra matmuls per step, but no exact unload (reload the pipeline instead). The guide LoRA
+        stays an adapter routed to the guide tokens. Quantize to FP8 after this, not before."""
+        from ultragen.flux.style_lora import fuse_style_loras
+
+        if self._fp8 and any(not s.fused for s in self.style_loras):
+            raise ValueError("cannot fuse style LoRAs into FP8 weights; load a fresh pipeline and fuse before the "
+                             "first fp8 image (ultragen generate --fp8 --fuse-style-loras does)")
+        self._activate_adapters()  # the scales fuse_lora merges with
+        self.style_loras = fuse_style_loras(self.flux, self.style_loras)
+        self._activate_adapters()
+        if self._hier is not None:  # the base weights changed in place: cached guide keys/values are stale
+            self._hier[1].clear_guide_cache()
+
     def unload_style_loras(self) -> None:
-        """Remove every style LoRA (their adapters are deleted; the guide LoRA stays)."""
+        """Remove every style LoRA (their adapters are deleted; the guide LoRA stays): the base output comes back
+        bit for bit. Refused for fused style LoRAs (merged into the weights): reload the pipeline."""
+        fused = [s.file.spec.path for s in self.style_loras if s.fused]
+        if fused:
+            raise ValueError(f"style LoRA {fused[0]!r} is fused into the base weights and cannot be unloaded exactly; "
+                             f"load the pipeline again (UltraGenPipeline.from_pretrained) for the base weights")
         if self.style_loras:
             self.flux.delete_adapters([s.adapter_name for s in self.style_loras])
         self.style_loras = ()
         self._activate_adapters()
 
     def lora_records(self) -> list[dict]:
-        """Every LoRA file in use, for an image's record: kind ("guide" or "style"), path, SHA-256 and scale."""
-        styles = [{"kind": "style", **s.file.record()} for s in self.style_loras]
+        """Every LoRA file in use, for an image's record: kind ("guide" or "style"), path, SHA-256 and scale (and
+        for a style LoRA, whether it was fused into the weights)."""
+        styles = [s.record() for s in self.style_loras]
         return ([self.lora_record] if self.lora_record is not None else []) + styles
 
     def _activate_adapters(self, guide: bool = True) -> None:
         """Make exactly the style LoRAs (at their scales) and, with ``guide``, the guide LoRA active."""
-        names = [s.adapter_name for s in self.style_loras]
-        weights = [s.scale for s in self.style_loras]
+        names = [s.adapter_name for s in self.style_loras if not s.fused]  # fused ones have no adapter left
+        weights = [s.scale for s in self.style_loras if not s.fused]
         if guide and ADAPTER_NAME in getattr(self.flux.transformer, "peft_config", {}):
             names, weights = [*names, ADAPTER_NAME], [*weights, 1.0]
         if names:
@@ -208,7 +240,7 @@ class UltraGenPipeline:
         if ADAPTER_NAME not in getattr(transformer, "peft_config", {}):
             yield
             return
-        styled = any("transformer" in s.components for s in self.style_loras)
+        styled = any("transformer" in s.components and not s.fused for s in self.style_loras)
         if styled:
             self._activate_adapters(guide=False)
         else:
