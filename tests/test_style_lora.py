@@ -446,3 +446,18 @@ def test_cli_fuse_style_loras_without_a_style_lora_is_refused_in_one_line(tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--fuse-style-loras" in err and "--style-lora" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_image_fuse_style_lora_hands_the_flag_and_needs_a_rank(tmp_path, monkeypatch):
+    from ultragen.bench.image import run_image_bench
+    from ultragen.cli import main
+
+    calls = []
+    monkeypatch.setattr("ultragen.bench.image.run_image_bench",
+                        lambda *args, **kwargs: calls.append(kwargs) or {"total_s": 1.0})
+    monkeypatch.setattr("ultragen.bench.record.environment", lambda: {"gpu": "none (test)"})
+    assert main(["bench", "image", "--style-lora-rank", "64", "--fuse-style-lora", "--fp8",
+                 "--out", str(tmp_path / "i.json")]) == 0
+    assert (calls[0]["style_lora_rank"], calls[0]["fuse_style_lora"], calls[0]["fp8"]) == (64, True, True)
+    with pytest.raises(ValueError, match="--style-lora-rank"):
+        run_image_bench(fuse_style_lora=True)

@@ -168,6 +168,8 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     image.add_argument("--style-lora-rank", type=whole_number, metavar="R",
                        help="then again with a random rank-R style LoRA on every block linear (unfused): its time "
                             "and peak memory against none, in the same JSON")
+    image.add_argument("--fuse-style-lora", action="store_true",
+                       help="with --style-lora-rank: that LoRA fused into the weights (before --fp8 quantizes them)")
     image.add_argument("--out", default=None, help="JSON path (default bench/results/image-<gpu>-<yyyymmdd>.json; "
                                                    "other than FLUX.1-dev: image-<config>-<gpu>-<yyyymmdd>.json)")
     image.set_defaults(run=run_bench_image)
@@ -210,7 +212,8 @@ def run_bench_image(args: argparse.Namespace) -> int:
     name, _ = bench_config(args.family, args.config)  # a bad --family / --config: exit 2 before anything is built
     result = run_image_bench(args.size, args.backend, compile_blocks=args.compile, fp8=args.fp8,
                              offload_text_encoders=args.offload_text_encoders, style_lora_rank=args.style_lora_rank,
-                             step_cache=args.cache, family=args.family, config=name)
+                             step_cache=args.cache, family=args.family, config=name,
+                             **({"fuse_style_lora": True} if args.fuse_style_lora else {}))
     path = args.out or result_path("image" if (args.family, name) == ("flux1", "dev") else f"image-{name}")
     print(f"wrote {write_result(path, {'image': result})}")
     return 0

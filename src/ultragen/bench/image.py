@@ -92,6 +92,7 @@ def _compile_cache_record() -> dict:
 
 def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: bool = False, fp8: bool = False,
                     offload_text_encoders: bool = False, log=print, style_lora_rank: int | None = None,
+                    fuse_style_lora: bool = False,
                     step_cache: str = "off", family: str = "flux1", config: str | None = None,
                     device: str = "cuda", dtype: torch.dtype = torch.bfloat16, parts: dict | None = None,
                     **settings) -> dict:
@@ -101,10 +102,15 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
     (result["step_cache"]: steps computed and skipped).
     ``style_lora_rank``: then load a random style LoRA of that rank on every block linear (unfused) and measure
     again in the same process (result["style_lora"]: its stage times, peak memory and hires time ratio).
+    ``fuse_style_lora``: that LoRA merged into the weights (``load_style_lora(fuse=True)``) instead; with ``fp8`` on
+    a freshly built pipeline, fused in bf16 before it is quantized.
     ``family`` / ``config``: the architecture (``--family``, ``--config``); ``parts``: replaces its components
     (tests run tiny ones on the CPU with ``device="cpu"``); ``settings``: further GenerationConfig fields."""
     from ultragen.pipeline import UltraGenPipeline
 
+    if fuse_style_lora and not style_lora_rank:
+        raise ValueError("--fuse-style-lora measures a fused style LoRA but no --style-lora-rank was given; add "
+                         "--style-lora-rank 64")
     start = time.perf_counter()
     if parts is None:
         config, parts = pipeline_parts(family, config)
@@ -142,15 +148,21 @@ def run_image_bench(size_px: int = 4096, backend: str = "auto", compile_blocks: 
 
         from ultragen.flux.style_lora import write_random_lora
 
+        if fuse_style_lora and fp8:  # FP8 weights cannot take a merge: a fresh bf16 pipeline, fused, then quantized
+            model = pipe.model
+            del pipe, warm, out
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            pipe = UltraGenPipeline(random_pipeline(family, config, device, dtype, parts), model=model)
         with tempfile.TemporaryDirectory() as folder:
             path = write_random_lora(pipe.flux.transformer, style_lora_rank, f"{folder}/style.safetensors")
-            pipe.load_style_lora(path)
+            pipe.load_style_lora(path, fuse=fuse_style_lora)
         pipe("warm-up", **settings)  # recompiles the blocks for the adapter when compiled
         _reset_peak()
         styled = pipe("a lighthouse on a cliff at dawn, highly detailed", **settings)
         times = {k: styled.timings_s.get(name, 0.0) for k, name in
                  [("text", "encode"), ("guide", "guide"), ("hires", "hires"), ("decode", "decode")]}
-        result["style_lora"] = {"rank": style_lora_rank, "fused": False, "stages": times,
+        result["style_lora"] = {"rank": style_lora_rank, "fused": fuse_style_lora, "stages": times,
                                 "total_s": sum(times.values()), "peak_gb": _peak_gb(),
                                 "hires_time_ratio": times["hires"] / stages["hires"],
                                 "finite": bool(torch.isfinite(styled.images).all())}
