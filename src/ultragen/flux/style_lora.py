@@ -23,6 +23,7 @@ from ultragen.flux.lora import METADATA_KEY
 from ultragen.style_lora import StyleLoraFile, StyleLoraSpec, read_style_lora
 
 FORMATS = "diffusers/PEFT, kohya (sd-scripts), XLabs, or another FLUX.1 format diffusers reads"
+KLEIN_FORMATS = "diffusers/PEFT, BFL (diffusion_model.), or another FLUX.2 format diffusers reads"
 _COMPONENTS = ("transformer", "text_encoder")
 
 
@@ -73,24 +74,39 @@ def convert_flux_lora(lora: StyleLoraFile) -> dict[str, torch.Tensor]:
     diffusers; ValueError (naming the file) when it is not a FLUX.1 LoRA in a format diffusers reads."""
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
+    def convert(tensors):
+        state, _alphas = FluxLoraLoaderMixin.lora_state_dict(tensors, return_alphas=True)
+        return _text_encoder_keys_as_peft(state)
+
+    return _convert(lora, convert, "FLUX.1", FORMATS, _COMPONENTS)
+
+
+def convert_klein_lora(lora: StyleLoraFile) -> dict[str, torch.Tensor]:
+    """:func:`convert_flux_lora` for FLUX.2 [klein]: diffusers' ``Flux2KleinPipeline.lora_state_dict`` converts
+    the file (diffusers/PEFT, BFL ``diffusion_model.`` keys, ...) to ``transformer.<module>.lora_A.weight`` keys."""
+    from diffusers import Flux2KleinPipeline
+
+    return _convert(lora, Flux2KleinPipeline.lora_state_dict, "FLUX.2 [klein]", KLEIN_FORMATS, ("transformer",))
+
+
+def _convert(lora: StyleLoraFile, convert, title: str, formats: str, components: tuple[str, ...]):
     name = lora.spec.path
     if METADATA_KEY in lora.metadata:
         raise ValueError(f"style LoRA {name!r} is an ultragen guide LoRA (it acts on the guide tokens only); pass it "
                          f"with --lora (Python: pipe.load_lora), not as a style LoRA")
     try:
         with _quiet_diffusers():
-            state, _alphas = FluxLoraLoaderMixin.lora_state_dict(_copy(lora.tensors), return_alphas=True)
-            state = _text_encoder_keys_as_peft(state)
+            state = convert(_copy(lora.tensors))
     except Exception as error:  # diffusers' converters raise ValueError, KeyError, AssertionError, ...
         words = " ".join(str(error).split())
         reason = (words[:160] + " ...") if len(words) > 160 else (words or type(error).__name__)
-        raise ValueError(f"style LoRA {name!r} is not a FLUX.1 LoRA in a format diffusers reads ({FORMATS}): "
+        raise ValueError(f"style LoRA {name!r} is not a {title} LoRA in a format diffusers reads ({formats}): "
                          f"{reason}") from None
-    foreign = [k for k in state if not (k.startswith(tuple(f"{c}." for c in _COMPONENTS))
+    foreign = [k for k in state if not (k.startswith(tuple(f"{c}." for c in components))
                                         and k.endswith((".lora_A.weight", ".lora_B.weight")))]
     if foreign or not state:
         example = f"key {foreign[0]!r} " if foreign else "no LoRA keys "
-        raise ValueError(f"style LoRA {name!r} is not a FLUX.1 LoRA in a format diffusers reads ({FORMATS}): "
+        raise ValueError(f"style LoRA {name!r} is not a {title} LoRA in a format diffusers reads ({formats}): "
                          f"{example}after conversion (a LoRA for another model family?)")
     return state
 
@@ -183,6 +199,17 @@ def fuse_style_loras(pipe, loras: tuple[LoadedStyleLora, ...]) -> tuple[LoadedSt
             if isinstance(module, BaseTunerLayer):
                 module.merged_adapters = [n for n in module.merged_adapters if n not in names]
     return tuple(s if s.fused else replace(s, fused=True) for s in loras)
+
+
+def load_klein_style_lora(pipe, lora: StyleLoraFile, adapter_name: str) -> LoadedStyleLora:
+    """:func:`load_style_lora` for a ``Flux2KleinPipeline``: converted by diffusers, every LoRA pair checked against
+    a linear layer of this transformer (shapes included), then loaded with ``pipe.load_lora_weights``."""
+    state = convert_klein_lora(lora)
+    check_fits(lora, state, {"transformer": pipe.transformer})
+    with _quiet_diffusers(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        pipe.load_lora_weights(_copy(lora.tensors), adapter_name=adapter_name)
+    return LoadedStyleLora(lora, adapter_name, ("transformer",))
 
 
 def check_style_lora_file(spec: StyleLoraSpec) -> StyleLoraFile:

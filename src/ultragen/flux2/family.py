@@ -238,27 +238,17 @@ class Flux2Family(ModelFamily):
         return save_guide_lora(transformer, path, metadata)
 
     def check_style_lora_file(self, spec):
+        from ultragen.flux.style_lora import convert_klein_lora
         from ultragen.style_lora import read_style_lora
 
         lora = read_style_lora(spec)
-        if not any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in lora.tensors):
-            raise ValueError(f"style LoRA {spec.path!r} holds no LoRA matrices; pass a FLUX.2 [klein] LoRA file")
+        convert_klein_lora(lora)  # the shapes are checked against the model when it is loaded
         return lora
 
     def load_style_lora(self, pipe, lora, adapter_name):
-        import warnings
+        from ultragen.flux.style_lora import load_klein_style_lora
 
-        from ultragen.flux.style_lora import LoadedStyleLora
-
-        tensors = {k: v.clone() for k, v in lora.tensors.items()}
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                pipe.load_lora_weights(tensors, adapter_name=adapter_name)
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ValueError(f"style LoRA {lora.spec.path!r} does not fit this FLUX.2 [klein] model: "
-                             f"{str(error).splitlines()[0][:200]}") from None
-        return LoadedStyleLora(lora, adapter_name, ("transformer",))
+        return load_klein_style_lora(pipe, lora, adapter_name)
 
     # --- training --------------------------------------------------------------------------------------------------
     def load_transformer(self, model, dtype):
