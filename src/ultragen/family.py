@@ -177,10 +177,11 @@ class ModelFamily(ABC):
         mode in the transformer's space (the same grid :meth:`decode` takes)."""
 
     @abstractmethod
-    def sample_images(self, pipe, prompt: str, size_px: int, steps: int, guidance: float, generator,
+    def sample_images(self, pipe, prompt: str, size_px: int, steps: int | None, guidance: float, generator,
                       text_tokens: int) -> list:
         """One square image of ``prompt`` drawn by the stock pipeline (``train prepare --generate``), as PIL.
-        ``guidance``: the guidance embedding's scale, or the CFG scale of families without one (0: none)."""
+        ``steps`` None: the model's default; ``guidance``: the guidance embedding's scale where the model has one
+        (otherwise the model's own CFG default applies)."""
 
     @abstractmethod
     def train_velocity(self, hier, x: torch.Tensor, prompt: Prompt, t: torch.Tensor, plan: AttentionPlan,

@@ -211,6 +211,8 @@ class Flux1Family(ModelFamily):
         return to_model_space(vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode(), vae)
 
     def sample_images(self, pipe, prompt, size_px, steps, guidance, generator, text_tokens):
+        guided = pipe.transformer.config.guidance_embeds  # dev: 28 steps at the guidance scale; schnell: 4, none
+        steps, guidance = steps or (28 if guided else 4), guidance if guided else 0.0
         return pipe(prompt=prompt, height=size_px, width=size_px, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, max_sequence_length=text_tokens).images
 

@@ -294,6 +294,9 @@ class Flux2Family(ModelFamily):
         return vae_to_grid(vae, vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode())
 
     def sample_images(self, pipe, prompt, size_px, steps, guidance, generator, text_tokens):
+        # no guidance embedding: the model's own CFG (klein-base 4, the distilled models none) and steps (50 / 4)
+        defaults = self.defaults(pipe)
+        steps, guidance = steps or defaults.guide_steps, defaults.guide_true_cfg_scale or 0.0
         layers = _hidden_layers(pipe.text_encoder)
         return pipe(prompt=prompt, height=size_px, width=size_px, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, max_sequence_length=text_tokens, text_encoder_out_layers=layers).images

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ultragen.atomic import atomic_path
-from ultragen.family import family_of_model, family_of_pipeline
+from ultragen.family import ModelFamily, family_named, family_of_model, family_of_pipeline
 from ultragen.train.cache import (
     EMPTY,
     ITEMS,
@@ -77,7 +77,7 @@ def prepare_cache(config: PrepareConfig, device: str | torch.device | None = Non
     text_tokens = resolve_text_tokens(config, pipe, family)
     out.mkdir(parents=True, exist_ok=True)
     if config.generate_count:
-        images_dir = generate_images(pipe, config, prompts, out / "images", text_tokens, progress)
+        images_dir = generate_images(pipe, config, prompts, out / "images", text_tokens, progress, family)
         items = collect_items(images_dir)
     log_line(f"encoding {len(items)} images at {config.size_px} px (guide {config.size_px // config.rho} px)")
     writer = CacheWriter(out, config.shard_items)
@@ -122,21 +122,18 @@ def encode_items(pipe, items: list[Item], config: PrepareConfig, text_tokens: in
 
 
 def generate_images(pipe, config: PrepareConfig, prompts: list[str], images_dir: Path, text_tokens: int,
-                    progress: bool) -> Path:
-    """The paper's data: ``generate_count`` images drawn by the base model (prompts cycled, seed ``seed + i``),
-    saved as PNG with a ``.txt`` caption each."""
+                    progress: bool, family: ModelFamily | None = None) -> Path:
+    """The paper's data: ``generate_count`` images drawn by the base model of ``family`` (None: FLUX.1) (prompts
+    cycled, seed ``seed + i``), saved as PNG with a ``.txt`` caption each. Steps: ``generate_steps`` or the
+    model's (FLUX.1-dev 28, schnell 4, klein 4, klein-base 50)."""
     images_dir.mkdir(parents=True)
-    family = family_of_pipeline(pipe)
-    defaults = family.defaults(pipe)
-    steps = config.generate_steps or defaults.guide_steps  # FLUX.1-dev 28, schnell 4, klein 4, klein-base 50
-    # the guidance embedding's scale, else the model's own CFG (klein-base), else none
-    guidance = config.generate_guidance if defaults.guidance_scale is not None else (
-        defaults.guide_true_cfg_scale or 0.0)
+    family = family or family_named("flux1")
     pipe.set_progress_bar_config(disable=True)
     for i in tqdm(range(config.generate_count), desc="generate", disable=not progress):
         prompt = prompts[i % len(prompts)]
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
-        image = family.sample_images(pipe, prompt, config.size_px, steps, guidance, generator, text_tokens)[0]
+        image = family.sample_images(pipe, prompt, config.size_px, config.generate_steps, config.generate_guidance,
+                                     generator, text_tokens)[0]
         name = f"{i:06d}"
         with atomic_path(images_dir / f"{name}.png") as tmp:  # the training step reads it: never a partial PNG
             image.save(tmp, format="PNG")
