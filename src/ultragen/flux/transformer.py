@@ -7,14 +7,12 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
-from ultragen.compile_cache import use_persistent_compile_cache
 from ultragen.flux.blocks import (
     GuideKV,
     Rope,
@@ -26,6 +24,7 @@ from ultragen.flux.blocks import (
     single_block,
 )
 from ultragen.flux.rope import flux_rope
+from ultragen.hier_common import adapter_fingerprint, check_streams, compile_fns, same_inputs
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
 from ultragen.step_cache import StepCache, StepCacheConfig
@@ -40,20 +39,6 @@ class _GuideCache:
     plan: AttentionPlan
     inputs: tuple  # guide, pooled, guidance tensors (copies), the NTK factor and the adapter fingerprint
     kv: list[GuideKV]
-
-
-def _same_inputs(a: tuple, b: tuple) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-                return False
-            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 class HierFluxTransformer(nn.Module):
@@ -190,31 +175,14 @@ class HierFluxTransformer(nn.Module):
         """``torch.compile`` the double- and single-block forwards (regional compilation: one graph each, shared by
         all blocks of a kind, with ``dynamic=False``: one compile per resolution). Attention stays one opaque
         custom-op call inside the graph. The guide's once-per-image pass is not compiled."""
-        use_persistent_compile_cache()  # a new process reuses earlier compiles (ultragen.compile_cache)
-        options = {"dynamic": False, **compile_kwargs}
-        # one graph per (resolution, backend, input strides): more than dynamo's default limit of 8 in one process,
-        # and hitting the limit silently falls back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
+        self._compiled = compile_fns((double_block, single_block), **compile_kwargs)
         if self.ff_chunk_tokens is not None:
             log.info("compiled blocks run the feed-forward whole; ff_chunk_tokens=%d applies to the guide pass only",
                      self.ff_chunk_tokens)
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _check_inputs(self, hires, text, plan: AttentionPlan, guide, guidance) -> None:
-        layout = plan.layout
-        if hires.dim() != 3 or hires.shape[1] != layout.hires_tokens:
-            raise ValueError(f"hires must be (B, {layout.hires_tokens}, C) for this layout, got {tuple(hires.shape)}")
-        if text.shape[1] != layout.text_tokens:
-            raise ValueError(
-                f"encoder_hidden_states has {text.shape[1]} tokens but the layout expects {layout.text_tokens}; "
-                f"build the layout with text_tokens={text.shape[1]}"
-            )
-        if (guide is None) != (layout.rho is None):
-            need = "no guide (rho=None)" if layout.rho is None else f"a guide of {layout.guide_tokens} tokens"
-            raise ValueError(f"the layout needs {need}, got guide={None if guide is None else tuple(guide.shape)}")
-        if guide is not None and (guide.shape[0] != hires.shape[0] or guide.shape[1] != layout.guide_tokens):
-            raise ValueError(f"guide must be ({hires.shape[0]}, {layout.guide_tokens}, C), got {tuple(guide.shape)}")
+        check_streams(plan.layout, hires, text, guide)
         needs_guidance = self.transformer.config.guidance_embeds
         if needs_guidance and guidance is None:
             raise ValueError("this model is guidance-distilled (FLUX.1-dev): pass guidance, e.g. torch.full((B,), 3.5)")
@@ -238,24 +206,10 @@ class HierFluxTransformer(nn.Module):
     def _use_cache(self, plan: AttentionPlan) -> bool:
         return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
 
-    def _adapter_fingerprint(self) -> tuple:
-        """What the guide's keys/values depend on besides the inputs: adapter state (the adapters present, which are
-        active and merged, on/off, scales, weights: the guide LoRA and any style LoRA) and the base weights under
-        the adapters, by tensor identity and in-place version."""
-        marks = []
-        for module in self.transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
-                present = tuple(getattr(module, "lora_A", {}).keys())
-                marks.append((id(module), present, tuple(module.active_adapters), tuple(module.merged_adapters),
-                              module.disable_adapters, scaling))
-                marks.extend((p.data_ptr(), p._version) for p in module.parameters())
-        return tuple(marks)
-
     def _cached_guide_kv(self, guide, pooled, g, temb_guide, plan: AttentionPlan, rope: Rope) -> list[GuideKV]:
-        inputs = (guide, pooled, g, self.ntk_factor, self._adapter_fingerprint())
+        inputs = (guide, pooled, g, self.ntk_factor, adapter_fingerprint(self.transformer))
         cache = self._guide_cache
-        if cache is None or cache.plan is not plan or not _same_inputs(cache.inputs, inputs):
+        if cache is None or cache.plan is not plan or not same_inputs(cache.inputs, inputs):
             copies = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
             self._guide_cache = cache = _GuideCache(plan, copies, self._guide_pass(guide, temb_guide, plan, rope))
         return cache.kv

@@ -26,18 +26,11 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import Flux2KVLayerCache, Flux2Modulation
 from torch import nn
 
-from ultragen.flux.blocks import linear
+from ultragen.flux.blocks import Streams, linear  # the same three streams as FLUX.1
 from ultragen.flux2.ids import Rope
 
 # attention(q, k, v) -> out, (B, H, S, D); q covers the leading query rows of the sequence, k and v all of it
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Streams:
-    text: torch.Tensor  # (B, T, dim)
-    hires: torch.Tensor  # (B, N, dim)
-    guide: torch.Tensor | None  # (B, G, dim); None when the guide is absent or its keys/values are cached
 
 
 @dataclass

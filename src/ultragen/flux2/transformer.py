@@ -7,17 +7,16 @@ import logging
 
 import torch
 from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ultragen.attention import Backend, attend, heads_last_output, parse_backend
 from ultragen.attention.op import attend_op, plan_key
 from ultragen.attention.segment import attend_within
-from ultragen.compile_cache import use_persistent_compile_cache
 from ultragen.flux.blocks import linear
 from ultragen.flux2.blocks import Mods, Streams, double_block, single_block
 from ultragen.flux2.ids import Rope, flux2_rope, sequence_ids
+from ultragen.hier_common import adapter_fingerprint, check_streams, compile_fns, same_inputs
 from ultragen.layout import Segment
 from ultragen.policy import AttentionPlan
 from ultragen.step_cache import StepCache, StepCacheConfig
@@ -25,21 +24,6 @@ from ultragen.step_cache import StepCache, StepCacheConfig
 log = logging.getLogger(__name__)
 
 GUIDE_TIMESTEP = 0.0  # the guide is clean: its modulation comes from t = 0 (diffusers' ref_fixed_timestep)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Whether two cache keys (tuples of tensors and plain values) are equal, tensors by shape, dtype, device and
-    content."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.shape != y.shape \
-                    or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 class HierFlux2Transformer(nn.Module):
@@ -150,26 +134,11 @@ class HierFlux2Transformer(nn.Module):
         """``torch.compile`` the double- and single-block forwards (one graph each, shared by all blocks of a kind,
         ``dynamic=False``: one compile per resolution). Attention stays one opaque custom-op call inside the graph;
         the guide's once-per-image pass is not compiled."""
-        use_persistent_compile_cache()  # a new process reuses earlier compiles (ultragen.compile_cache)
-        options = {"dynamic": False, **compile_kwargs}
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled = {fn: torch.compile(fn, **options) for fn in (double_block, single_block)}
+        self._compiled = compile_fns((double_block, single_block), **compile_kwargs)
 
     # --- internals ---------------------------------------------------------------------------------------------
     def _check_inputs(self, hires, text, plan: AttentionPlan, guide, guidance) -> None:
-        layout = plan.layout
-        if hires.dim() != 3 or hires.shape[1] != layout.hires_tokens:
-            raise ValueError(f"hires must be (B, {layout.hires_tokens}, C) for this layout, got {tuple(hires.shape)}")
-        if text.shape[1] != layout.text_tokens:
-            raise ValueError(
-                f"encoder_hidden_states has {text.shape[1]} tokens but the layout expects {layout.text_tokens}; "
-                f"build the layout with text_tokens={text.shape[1]}"
-            )
-        if (guide is None) != (layout.rho is None):
-            need = "no guide (rho=None)" if layout.rho is None else f"a guide of {layout.guide_tokens} tokens"
-            raise ValueError(f"the layout needs {need}, got guide={None if guide is None else tuple(guide.shape)}")
-        if guide is not None and (guide.shape[0] != hires.shape[0] or guide.shape[1] != layout.guide_tokens):
-            raise ValueError(f"guide must be ({hires.shape[0]}, {layout.guide_tokens}, C), got {tuple(guide.shape)}")
+        check_streams(plan.layout, hires, text, guide)
         needs_guidance = self.transformer.config.guidance_embeds
         if needs_guidance and guidance is None:
             raise ValueError("this FLUX.2 model is guidance-distilled (config guidance_embeds): pass guidance, e.g. "
@@ -194,23 +163,10 @@ class HierFlux2Transformer(nn.Module):
     def _use_cache(self, plan: AttentionPlan) -> bool:
         return self.cache_guide and plan.policy.guide_isolated and not torch.is_grad_enabled()
 
-    def _adapter_fingerprint(self) -> tuple:
-        """Adapter state (the guide LoRA's and any style LoRA's: present, active and merged sets, on/off, scales,
-        weights by identity and in-place version) the guide's keys and values depend on besides the inputs."""
-        marks = []
-        for module in self.transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                scaling = tuple(sorted(getattr(module, "scaling", {}).items()))
-                present = tuple(getattr(module, "lora_A", {}).keys())
-                marks.append((id(module), present, tuple(module.active_adapters), tuple(module.merged_adapters),
-                              module.disable_adapters, scaling))
-                marks.extend((p.data_ptr(), p._version) for p in module.parameters())
-        return tuple(marks)
-
     def _cached_guide_kv(self, guide, g, mods: Mods, plan: AttentionPlan, rope: Rope) -> Flux2KVCache:
-        key = (guide, g, self.ntk_factor, self._adapter_fingerprint())
+        key = (guide, g, self.ntk_factor, adapter_fingerprint(self.transformer))
         cached = self._guide_cache
-        if cached is None or cached[0] is not plan or not _same(cached[1], key):
+        if cached is None or cached[0] is not plan or not same_inputs(cached[1], key):
             copies = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in key)
             self._guide_cache = cached = (plan, copies, self._guide_pass(guide, mods, plan, rope))
         return cached[2]
