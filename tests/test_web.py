@@ -75,6 +75,13 @@ BAD = {  # page field changes -> the same values on the command line
     "rho below 2": ({"rho": 1}, ["--rho", "1"]),
     "seed negative": ({"seed": -1}, ["--seed", "-1"]),
     "missing LoRA": ({"guide_lora": "gone.safetensors"}, ["--lora", "{loras}/gone.safetensors"]),
+    "missing style LoRA": ({"style_loras": "gone.safetensors"}, ["--style-lora", "{loras}/gone.safetensors"]),
+    "style LoRA scale not a number": ({"style_loras": "{loras}/x.safetensors:lots"},
+                                      ["--style-lora", "{loras}/x.safetensors:lots"]),
+    "unknown step cache": ({"step_cache": "fbcash"}, ["--cache", "fbcash"]),
+    "step cache threshold not a number": ({"step_cache": "fbcache:high"}, ["--cache", "fbcache:high"]),
+    "CFG on a model without it": ({"cfg": 5}, ["--cfg", "5"]),
+    "negative prompt on a model without CFG": ({"negative_prompt": "blurry"}, ["--negative-prompt", "blurry"]),
 }
 
 
@@ -83,6 +90,7 @@ def test_bad_settings_get_the_cli_message_word_for_word(case, tmp_path, capsys):
     page_changes, cli_args = BAD[case]
     loras = tmp_path / "loras"
     loras.mkdir()
+    page_changes = {k: v.format(loras=loras) if isinstance(v, str) else v for k, v in page_changes.items()}
     with pytest.raises(ValueError) as raised:
         make_job(settings(**page_changes), "tiny-random", tmp_path, loras, device="cpu")
     base = {"--prompt": "a red fox", "--width": "256", "--height": "256", "--seed": "3", "--steps": "4",
@@ -96,6 +104,76 @@ def test_bad_settings_get_the_cli_message_word_for_word(case, tmp_path, capsys):
     cli_error = capsys.readouterr().err.strip()
     assert len(cli_error.splitlines()) == 1
     assert str(raised.value) in cli_error, (str(raised.value), cli_error)
+
+
+@pytest.fixture(scope="module")
+def style_dir(tmp_path_factory):
+    """A LoRA folder with a random FLUX.1 style LoRA for the tiny pipeline's transformer, as PEFT writes it."""
+    from test_style_lora import random_lora_state, write
+    from ultragen.pipeline.tiny import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("loras")
+    write(folder / "style.safetensors", random_lora_state(tiny_flux_pipeline().transformer, "transformer", seed=5))
+    return folder
+
+
+def dry_run(capsys, *args: str) -> dict:
+    assert main(["generate", "--prompt", "a red fox", "--width", "256", "--height", "256", "--seed", "3", "--steps",
+                 "4", "--guide-steps", "3", "--warm-start-skip", "1", "--device", "cpu", "--dry-run", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_style_loras_and_step_cache_become_what_generate_gets(style_dir, tmp_path, capsys):
+    page = settings(style_loras=f"style.safetensors:0.75\n\n  {style_dir}/style.safetensors  \n",
+                    step_cache="fbcache:0.1")
+    job = make_job(page, "tiny-random", tmp_path, style_dir, device="cpu")
+    plan = dry_run(capsys, "--model", "tiny-random", "--out", str(tmp_path), "--cache", "fbcache:0.1",
+                   "--style-lora", f"{style_dir}/style.safetensors:0.75", "--style-lora", f"{style_dir}/style.safetensors")
+    assert job.config.to_record() == plan["config"] and plan["config"]["step_cache"] == "fbcache:0.1"
+    assert [{"path": s.path, "scale": s.scale} for s in job.style_loras] == plan["style_loras"] == [
+        {"path": f"{style_dir}/style.safetensors", "scale": 0.75}, {"path": f"{style_dir}/style.safetensors",
+                                                                      "scale": 1.0}]
+    assert make_job(settings(), "tiny-random", tmp_path, style_dir, device="cpu").config.step_cache == "off"
+
+
+def test_negative_prompt_and_cfg_become_what_generate_gets_on_klein_base(tmp_path, capsys):
+    page = settings(negative_prompt="blurry, dark", cfg=5)
+    job = make_job(page, "tiny-random-klein-base", tmp_path, None, device="cpu")
+    plan = dry_run(capsys, "--model", "tiny-random-klein-base", "--out", str(tmp_path), "--negative-prompt",
+                   "blurry, dark", "--cfg", "5")
+    assert job.config.to_record() == plan["config"]
+    assert (plan["config"]["negative_prompt"], plan["config"]["true_cfg_scale"]) == ("blurry, dark", 5.0)
+
+
+@pytest.mark.parametrize("model, shown", [("tiny-random", False), ("tiny-random-klein-base", True)])
+def test_negative_prompt_and_cfg_are_shown_only_for_a_model_with_cfg(model, shown, pipe, tmp_path):
+    pytest.importorskip("gradio")
+    from ultragen.pipeline.two_stage import UltraGenPipeline
+    from ultragen.web.page import PageContext, build_page
+
+    loaded = pipe if model == "tiny-random" else UltraGenPipeline.from_pretrained(model)
+    page = build_page(PageContext(JobRunner(loaded), model, tmp_path))
+    by_id = {getattr(c, "elem_id", None): c for c in page.blocks.values()}
+    assert by_id["ug-negative-prompt"].visible is shown and by_id["ug-cfg"].visible is shown
+    assert by_id["ug-style-loras"].visible is not False and by_id["ug-step-cache"].value == "off"
+
+
+def test_the_style_lora_picker_adds_name_and_scale_lines():
+    from ultragen.web.page import add_style_loras
+
+    text, picker = add_style_loras(["a.safetensors", "b.safetensors"], "b.safetensors:0.5\n", 0.8)
+    assert text.splitlines() == ["b.safetensors:0.5", "a.safetensors:0.8"] and picker == []
+
+
+def test_runner_loads_the_jobs_style_loras_and_unloads_them_for_the_next(pipe, style_dir, tmp_path):
+    runner = JobRunner(pipe)
+    job = make_job(settings(style_loras="style.safetensors:0.75"), "tiny-random", tmp_path, style_dir, device="cpu")
+    done = run_collect(runner, Ticket(job))[-1]
+    assert isinstance(done, Finished), done
+    styles = [f for f in done.record["lora_files"] if f["kind"] == "style"]
+    assert [(s["path"], s["scale"]) for s in styles] == [(f"{style_dir}/style.safetensors", 0.75)]
+    done = run_collect(runner, Ticket(make_job(settings(), "tiny-random", tmp_path, style_dir, device="cpu")))[-1]
+    assert isinstance(done, Finished) and done.record["lora_files"] == [] and pipe.style_loras == ()
 
 
 def test_generate_button_shows_the_message_and_issues_no_ticket(pipe, tmp_path):

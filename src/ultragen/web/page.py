@@ -27,7 +27,7 @@ from ultragen.pipeline.loading import TINY_RANDOM
 from ultragen.policy import PRESETS
 from ultragen.web.progress import EMPTY_HTML, StageProgress
 from ultragen.web.runner import Failed, Finished, GuideReady, JobRunner, Progress, Ticket
-from ultragen.web.settings import NO_LORA, SIZE_PRESETS, PageSettings, make_job
+from ultragen.web.settings import NO_LORA, SIZE_PRESETS, PageSettings, make_job, style_lora_line
 
 CUSTOM_SIZE = "custom"
 MAX_SEED = 2**32 - 1  # the dice's range; any seed up to 2**63-1 can be typed
@@ -58,6 +58,20 @@ def lora_choices(lora_dir: Path | None) -> list[str]:
     """NO_LORA, then the .safetensors files of ``lora_dir`` by name."""
     names = sorted(p.name for p in lora_dir.glob("*.safetensors")) if lora_dir and lora_dir.is_dir() else []
     return [NO_LORA, *names]
+
+
+def takes_cfg(pipe) -> bool:
+    """Whether the loaded model runs classifier-free guidance (klein-base): its defaults carry a CFG scale."""
+    return pipe.defaults.true_cfg_scale is not None
+
+
+def add_style_loras(picked: list[str] | None, text: str, scale: float | None) -> tuple[str, list]:
+    """The picker's files added to the style-LoRA lines as ``NAME:SCALE`` (a file already listed is left as it is);
+    returns (the new lines, the emptied picker)."""
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    listed = {line.strip().rpartition(":")[0] or line.strip() for line in lines}
+    lines += [style_lora_line(name, 1.0 if scale is None else scale) for name in picked or [] if name not in listed]
+    return "\n".join(lines), []
 
 
 def status_html(message: str, error: bool = False) -> str:
@@ -128,6 +142,7 @@ def build_page(ctx: PageContext) -> gr.Blocks:
     tiny = ctx.model == TINY_RANDOM
     preset, (width, height) = (CUSTOM_SIZE, (512, 512)) if tiny else ("4K square", SIZE_PRESETS["4K square"])
     loras = lora_choices(ctx.lora_dir)
+    cfg = takes_cfg(ctx.runner.pipe)
     with gr.Blocks(analytics_enabled=False, title="ultragen") as page:
         gr.Markdown(f"## ultragen: 2K-8K images with {ctx.model}\nFiles are written to `{ctx.out_dir}`.")
         with gr.Row():
@@ -145,6 +160,20 @@ def build_page(ctx: PageContext) -> gr.Blocks:
                                   elem_id="ug-steps")
                 lora = gr.Dropdown(loras, value=ctx.default_lora if ctx.default_lora in loras else NO_LORA,
                                    label=f"Guide LoRA ({ctx.lora_dir or 'no --lora-dir'})", elem_id="ug-lora")
+                negative_prompt = gr.Textbox(label="Negative prompt (what CFG steers away from)", lines=2,
+                                             visible=cfg, elem_id="ug-negative-prompt")
+                cfg_scale = gr.Number(defaults.true_cfg_scale, label="CFG scale (hires pass)", visible=cfg,
+                                      elem_id="ug-cfg")
+                with gr.Accordion("Style LoRAs", open=False, elem_id="ug-style"):
+                    with gr.Row(equal_height=True):
+                        style_pick = gr.Dropdown(loras[1:], value=[], multiselect=True, scale=3,
+                                                 label=f"Files in {ctx.lora_dir or 'no --lora-dir'}",
+                                                 elem_id="ug-style-pick")
+                        style_scale = gr.Number(1.0, label="Scale", scale=1, min_width=60, elem_id="ug-style-scale")
+                        style_add = gr.Button("Add", scale=1, min_width=60, elem_id="ug-style-add")
+                    style_loras = gr.Textbox(label="Style LoRAs, one FILE[:SCALE] per line (as generate --style-lora;"
+                                                   " a bare name is in the LoRA folder)", lines=3,
+                                             placeholder="style.safetensors:0.8", elem_id="ug-style-loras")
                 with gr.Accordion("Advanced", open=False, elem_id="ug-advanced"):
                     guide_steps = gr.Slider(1, 100, value=defaults.guide_steps, step=1, label="Guide steps (stage A)",
                                             elem_id="ug-guide-steps")
@@ -157,6 +186,8 @@ def build_page(ctx: PageContext) -> gr.Blocks:
                                           elem_id="ug-backend")
                     cache_guide = gr.Checkbox(True, label="Cache the guide's keys/values (faster, more memory)",
                                               elem_id="ug-cache-guide")
+                    step_cache = gr.Textbox("off", label="Step cache: off, fbcache or fbcache:THRESHOLD "
+                                                         "(as generate --cache)", elem_id="ug-step-cache")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="ug-generate")
                     stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="ug-cancel")
@@ -178,7 +209,10 @@ def build_page(ctx: PageContext) -> gr.Blocks:
         for box in (width_px, height_px):
             box.input(lambda: CUSTOM_SIZE, None, size, queue=False)
         dice.click(lambda: random.randint(0, MAX_SEED), None, seed, queue=False)
-        fields = [prompt, width_px, height_px, seed, steps, guide_steps, skip, policy, rho, backend, cache_guide, lora]
+        style_add.click(add_style_loras, [style_pick, style_loras, style_scale], [style_loras, style_pick],
+                        queue=False)
+        fields = [prompt, width_px, height_px, seed, steps, guide_steps, skip, policy, rho, backend, cache_guide, lora,
+                  style_loras, step_cache, negative_prompt, cfg_scale]
         (generate.click(lambda *f: check(ctx, *f), fields, [status, ticket, generate, stop], queue=False)
          .then(gate, ticket, None, queue=False)
          .success(lambda t, h: (yield from run(ctx, t, h)), [ticket, history],

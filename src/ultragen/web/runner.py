@@ -73,6 +73,7 @@ class JobRunner:
         self.lora_allow_mismatch = lora_allow_mismatch
         self._gpu = threading.Lock()
         self._lora_path: str | None = None
+        self._style_loras: tuple = ()  # the StyleLoraSpecs loaded on the pipeline, in loading order
 
     @property
     def busy(self) -> bool:
@@ -108,6 +109,7 @@ class JobRunner:
         job, pipe = ticket.job, self.pipe
         config = pipe.resolve(replace(job.config, seed=job.seeds()[0]))
         self._use_lora(config)
+        self._use_style_loras(job.style_loras)
         prompt, paths = job.prompts[0], job.outputs[0]
 
         def on_step(event) -> None:
@@ -146,6 +148,18 @@ class JobRunner:
         if path is not None:
             self.pipe.load_lora(path, config, allow_mismatch=self.lora_allow_mismatch)
             self._lora_path = path
+
+
+    def _use_style_loras(self, specs: tuple) -> None:
+        """Make ``specs`` (``StyleLoraSpec``s, as ``generate --style-lora`` loads them) the pipeline's style LoRAs,
+        unloading the ones loaded before when they differ."""
+        if tuple(specs) == self._style_loras:
+            return
+        self.pipe.unload_style_loras()
+        self._style_loras = ()
+        for spec in specs:
+            self.pipe.load_style_lora(spec.path, scale=spec.scale)
+        self._style_loras = tuple(specs)
 
 
 class _tile_events:

@@ -51,6 +51,10 @@ class PageSettings:
     backend: str = "auto"
     cache_guide: bool = True
     guide_lora: str = NO_LORA  # a file name in the LoRA folder, or NO_LORA
+    style_loras: str = ""  # one ``FILE[:SCALE]`` per line, as ``generate --style-lora``; a bare name: in the LoRA folder
+    step_cache: str = "off"  # as ``generate --cache``: off, fbcache or fbcache:THRESHOLD
+    negative_prompt: str = ""  # as ``generate --negative-prompt`` (models with CFG only)
+    cfg: float | int | None = None  # as ``generate --cfg``; None: the model's default
 
 
 def whole(flag: str, value) -> int:
@@ -67,6 +71,39 @@ def whole(flag: str, value) -> int:
         raise ValueError(f"argument {flag}: {error}") from None
 
 
+def style_lora_specs(text: str, lora_dir: Path | None) -> tuple:
+    """The page's style-LoRA lines -> ``StyleLoraSpec``s, each line read by the CLI's ``--style-lora`` parser; a
+    relative FILE is taken from ``lora_dir`` (the folder the picker lists). ValueError with the CLI's message."""
+    from dataclasses import replace
+
+    from ultragen.style_lora import parse_style_lora
+
+    specs = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        spec = parse_style_lora(line.strip())
+        if lora_dir is not None and not Path(spec.path).expanduser().is_absolute():
+            spec = replace(spec, path=str(lora_dir / spec.path))
+        specs.append(spec)
+    return tuple(specs)
+
+
+def style_lora_line(name: str, scale: float = 1.0) -> str:
+    """The text line the picker adds for a file of the LoRA folder: ``NAME:SCALE``."""
+    return f"{name}:{scale:g}"
+
+
+def step_cache(value) -> str:
+    """The page's step cache as the CLI's ``--cache`` parses it; ValueError with argparse's wording otherwise."""
+    from ultragen.cli import step_cache_setting
+
+    try:
+        return step_cache_setting(str(value if value is not None else "off"))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"argument --cache: {error}") from None
+
+
 def to_config(settings: PageSettings, model: str, lora_dir: Path | None) -> GenerationConfig:
     """The GenerationConfig these settings ask for (validated by its constructor; raises ValueError)."""
     lora_path = None
@@ -78,6 +115,8 @@ def to_config(settings: PageSettings, model: str, lora_dir: Path | None) -> Gene
         guide_steps=whole("--guide-steps", settings.guide_steps),
         warm_start_skip=whole("--warm-start-skip", settings.warm_start_skip), rho=whole("--rho", settings.rho),
         policy=settings.policy, backend=settings.backend, cache_guide=bool(settings.cache_guide), lora_path=lora_path,
+        step_cache=step_cache(settings.step_cache), negative_prompt=settings.negative_prompt or "",
+        true_cfg_scale=None if settings.cfg is None else float(settings.cfg),
     )
 
 
@@ -98,9 +137,10 @@ def make_job(settings: PageSettings, model: str, out_dir: Path, lora_dir: Path |
 
     ``pipe`` (the loaded pipeline), when given, also checks what needs the model (e.g. settings its family lacks)."""
     config = to_config(settings, model, lora_dir)
+    style_loras = style_lora_specs(settings.style_loras, lora_dir)
     prompt = settings.prompt or ""
     job = prepare_generation(config, prompt, None, str(image_path(out_dir, prompt, config.seed)), device=device,
-                             dtype=dtype, lora_allow_mismatch=lora_allow_mismatch)
+                             dtype=dtype, lora_allow_mismatch=lora_allow_mismatch, style_loras=style_loras)
     if pipe is not None:
         pipe.resolve(job.config)
     return job
