@@ -142,3 +142,18 @@ def test_guide_cache_follows_adapter_scale_and_ntk_changes():
     cached.ntk_factor = fresh.ntk_factor = 10.0
     torch.testing.assert_close(hier_forward(cached, plan, inputs), hier_forward(fresh, plan, inputs),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_guide_lora_beside_a_style_adapter_warns_nothing():
+    """A style LoRA before the guide LoRA is the intended set-up: PEFT's "Already found a peft_config" notice
+    must not reach the user (every other warning would still be an error here)."""
+    import warnings
+
+    from peft import LoraConfig
+
+    model = tiny_flux(layers=1, single_layers=1)
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="style1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_guide_lora(model, rank=2, alpha=2)
+    assert {"style1", "guide"} <= set(model.peft_config)

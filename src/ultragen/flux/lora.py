@@ -9,6 +9,8 @@ LoRA was trained under in the metadata; loading one that disagrees with the run 
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -91,12 +93,22 @@ def policy_mismatches(lora: dict, run: dict) -> list[str]:
             for key in sorted(set(lora) | set(run)) if key != "name" and lora.get(key) != run.get(key)]
 
 
+@contextmanager
+def beside_other_adapters():
+    """Silence PEFT's notice that an adapter joins others already on the model (style LoRAs beside the guide
+    LoRA are the point, not an accident); every other warning stays."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
+
+
 def add_guide_lora(transformer: torch.nn.Module, rank: int = 16, alpha: float = 16.0,
                    targets: LoraTargets | str = LoraTargets.QKV) -> None:
     """Inject a fresh guide LoRA (B initialised to zero, so the model is unchanged until trained)."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LoraTargets(targets).pattern(),
                         init_lora_weights=True)
-    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    with beside_other_adapters():
+        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
 
 
 def guide_lora_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

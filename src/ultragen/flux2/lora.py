@@ -26,7 +26,8 @@ from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 
 from ultragen.flux.lora import (
-    ADAPTER_NAME, KEY_PREFIX, METADATA_KEY, LoraMetadata, guide_lora_state, save_guide_lora,
+    ADAPTER_NAME, KEY_PREFIX, METADATA_KEY, LoraMetadata, beside_other_adapters, guide_lora_state,
+    save_guide_lora,
 )
 from ultragen.policy import PRESETS
 
@@ -69,7 +70,8 @@ def add_guide_lora(transformer: torch.nn.Module, rank: int = 16, alpha: float = 
     authors' klein target set."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LoraTargets(targets).pattern(),
                         init_lora_weights=True)
-    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    with beside_other_adapters():
+        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
 
 
 def _module_names(keys) -> set[str]:
@@ -137,7 +139,8 @@ def load_guide_lora(transformer: torch.nn.Module, path: str | Path, expected: Lo
     if meta.extra.get("source") == "authors":
         log.warning(authors_settings_line(meta))
         state = Flux2KleinPipeline.lora_state_dict(str(path))
-        transformer.load_lora_adapter(state, adapter_name=ADAPTER_NAME, prefix=KEY_PREFIX.rstrip("."))
+        with beside_other_adapters():
+            transformer.load_lora_adapter(state, adapter_name=ADAPTER_NAME, prefix=KEY_PREFIX.rstrip("."))
         return meta
     with safe_open(str(path), framework="pt") as f:
         state = {k.removeprefix(KEY_PREFIX): f.get_tensor(k) for k in f.keys()}
