@@ -75,6 +75,32 @@ def test_evaluate_writes_every_row(tmp_path):
         evaluate(tmp_path, EvalSettings(prompts=1, scale=4), progress=False)
 
 
+def test_evaluate_cache_rows_against_the_uncached_row(tmp_path, capsys):
+    """--cache off fbcache:0 fbcache:1e6: threshold 0 is the uncached row bit for bit (PSNR inf, nothing skipped);
+    a huge threshold skips every step after the first and the row says so; a bad setting exits 2 in one line."""
+    train(MICRO, TrainSettings(steps=1, batch_size=1, supersample=1), tmp_path, progress=False, log=_quiet)
+    settings = EvalSettings(prompts=2, batch_size=2, scale=2, strategies=(Strategy.GUIDE,),
+                            cache_strategy=Strategy.GUIDE, caches=("off", "fbcache:0", "fbcache:1e6"),
+                            sampler=SamplerSettings(steps=4, warm_start_skip=1))
+    record, images = evaluate(tmp_path, settings, progress=False, log=_quiet)
+    cold, off, zero, huge = record["rows"]
+    assert [(r["strategy"], r["warm_start"], r["cache"]) for r in record["rows"]] == [
+        ("windows+guide", False, "off"), ("windows+guide", True, "off"), ("windows+guide", True, "fbcache:0"),
+        ("windows+guide", True, "fbcache:1e+06")]
+    assert torch.equal(images["windows+guide +warm cache=fbcache:0"], images["windows+guide +warm"])
+    assert {k: v for k, v in zero.items() if k != "cache"} == {k: v for k, v in off.items() if k != "cache"}
+    assert off["psnr_vs_uncached"] == zero["psnr_vs_uncached"] == float("inf")
+    assert (off["steps_computed"], off["steps_skipped"], zero["steps_skipped"]) == (3, 0, 0)  # 4 steps, 1 warm-skipped
+    assert (huge["steps_computed"], huge["steps_skipped"]) == (1, 2)  # one batch: the first step computes
+    assert 0 < huge["psnr_vs_uncached"] < float("inf")
+    assert not torch.equal(images["windows+guide +warm cache=fbcache:1e+06"], images["windows+guide +warm"])
+    assert record["settings"]["caches"] == ["off", "fbcache:0", "fbcache:1e+06"]
+    json.dumps(record)
+    assert main(["testbed", "eval", "--run-dir", str(tmp_path), "--cache", "off", "fbcache:abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'abc'" in err and "fbcache:0.08" in err and len(err.splitlines()) == 1
+
+
 def test_cli_testbed_data(tmp_path, capsys):
     assert main(["testbed", "data", "--out", str(tmp_path), "--count", "3", "--size", "32", "--scales", "1", "4"]) == 0
     lines = (tmp_path / "scenes.jsonl").read_text().splitlines()

@@ -452,6 +452,10 @@ def _testbed_arguments(tb: argparse.ArgumentParser) -> None:
     ev.add_argument("--lora", help="guide LoRA for the windows+guide+lora rows")
     ev.add_argument("--strategies", nargs="+", choices=TESTBED_STRATEGIES, default=list(TESTBED_STRATEGIES),
                     help="strategies to run, each with and without warm start (default: all)")
+    ev.add_argument("--cache", nargs="+", type=step_cache_setting, default=["off"], metavar="CACHE",
+                    help="step cache settings (off, fbcache, fbcache:THRESHOLD); each but off adds a row of "
+                         "windows+guide+lora +warm sampled with it, with its PSNR against the uncached row "
+                         "(default: off)")
     ev.add_argument("--batch-size", type=whole_number, default=4, help="prompts per batch (default 4)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     ev.add_argument("--out", help="results JSON (default bench/results/testbed-<yyyymmdd>.json)")
@@ -508,7 +512,7 @@ def run_testbed_eval(args: argparse.Namespace) -> int:
     sampler = SamplerSettings(steps=args.steps, warm_start_skip=args.warm_start_skip, cfg_scale=args.cfg,
                               policy=args.policy, guide_offset_tokens=args.guide_offset_tokens)
     settings = EvalSettings(prompts=args.prompts, batch_size=args.batch_size, lora_path=args.lora, sampler=sampler,
-                            strategies=tuple(args.strategies))
+                            strategies=tuple(args.strategies), caches=tuple(args.cache))
     out = Path(args.out or f"bench/results/testbed-{datetime.date.today():%Y%m%d}.json")
     record, images = evaluate(args.run_dir, settings, device=args.device, progress=not args.quiet)
     write_results(record, images, out, args.grid or out.with_suffix(".png"), settings.grid_prompts)

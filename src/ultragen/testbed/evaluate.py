@@ -5,6 +5,10 @@ it is the base row's image, the guide of the guide strategies and the warm-start
 with and without warm start from the same noise. Rows report count / colour / position accuracy of the detector,
 the seam ratio at the window borders, the PSNR of the downsampled output against the base sample (the guide) and
 the detail ratio (fine detail against the true 4x renders).
+
+Step cache settings (``EvalSettings.caches``): for each setting other than ``off`` the cache strategy
+(``windows+guide+lora`` with warm start by default) is sampled again with that cache on, from the same noise; its row
+adds the steps computed and skipped (transformer calls, summed over the batches) and the PSNR of its images against the uncached row's (same prompts and seeds; inf: equal).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from tqdm.auto import tqdm
 from ultragen.atomic import atomic_path
 from ultragen.flux.lora import load_guide_lora, read_lora_metadata
 from ultragen.policy import get_policy
+from ultragen.step_cache import StepCacheConfig, parse_cache
 from ultragen.testbed.metrics import (
     detail_ratio,
     detect,
     guide_psnr,
     high_frequency_energy,
+    psnr_db,
     score,
     seam_ratio,
     to_tensor,
@@ -51,9 +57,18 @@ class EvalSettings:
     lora_path: str | None = None  # guide LoRA for windows+guide+lora; without it that row is reported missing
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     grid_prompts: int = 3  # samples shown in the PNG grid
+    caches: tuple[StepCacheConfig, ...] = (StepCacheConfig(),)  # step cache settings; each but off: one more row
+    cache_strategy: Strategy = Strategy.GUIDE_LORA  # the strategy (with warm start) the cache rows sample
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(Strategy(s) for s in self.strategies))
+        object.__setattr__(self, "caches", tuple(dict.fromkeys(parse_cache(c) for c in self.caches)))
+        object.__setattr__(self, "cache_strategy", Strategy(self.cache_strategy))
+        if any(c.enabled for c in self.caches) and (
+                self.cache_strategy is Strategy.DENSE or self.cache_strategy not in self.strategies):
+            raise ValueError(f"cache rows sample {self.cache_strategy.value} +warm against its uncached row: keep "
+                             f"{self.cache_strategy.value} in the strategies (it must be hierarchical), or use "
+                             f"--cache off")
         if self.prompts < 1 or self.batch_size < 1 or self.scale < 2:
             raise ValueError(f"prompts={self.prompts} and batch_size={self.batch_size} must be >= 1, scale >= 2")
 
@@ -65,6 +80,8 @@ class _Run:
     images: list[torch.Tensor] = field(default_factory=list)
     start_sigma: float | None = None
     steps_run: int | None = None
+    steps_total: int = 0  # steps (transformer calls) over all batches
+    steps_skipped: int = 0  # of them, skipped by the step cache
 
     def stacked(self) -> torch.Tensor:
         return torch.cat(self.images)
@@ -86,7 +103,10 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
     rows: dict[str, _Run] = {"base": _Run()}
     jobs = [(s, w) for s in settings.strategies for w in (False, True)
             if s is not Strategy.GUIDE_LORA or lora_model is not None]
-    for name in (_row_name(s, w) for s, w in jobs):
+    jobs = [(s, w, StepCacheConfig()) for s, w in jobs] + [
+        (settings.cache_strategy, True, c) for c in settings.caches
+        if c.enabled and (settings.cache_strategy, True) in jobs]
+    for name in (_row_name(s, w, c) for s, w, c in jobs):
         rows[name] = _Run()
     start = time.monotonic()
     batches = range(0, settings.prompts, settings.batch_size)
@@ -99,17 +119,20 @@ def evaluate(run_dir: str | Path, settings: EvalSettings, device: str = "cpu", p
         guide = sample_base(model, config, prompt, empty, noise_base, settings.sampler)
         rows["base"].images.append(codec.decode(guide).clamp(0, 1).cpu())
         bar.update(1)
-        for strategy, warm in jobs:
+        for strategy, warm, cache in jobs:
             net = lora_model if strategy is Strategy.GUIDE_LORA else model
-            sample = sample_hires(net, config, strategy, warm, guide, prompt, empty, noise_hires, settings.sampler,
-                                  settings.scale)
-            row = rows[_row_name(strategy, warm)]
+            sample = sample_hires(net, config, strategy, warm, guide, prompt, empty, noise_hires,
+                                  replace(settings.sampler, step_cache=cache), settings.scale)
+            row = rows[_row_name(strategy, warm, cache)]
             row.images.append(codec.decode(sample.latents).clamp(0, 1).cpu())
             row.start_sigma, row.steps_run = sample.start_sigma, sample.steps_run
+            row.steps_skipped += sample.steps_skipped
+            row.steps_total += sample.steps_run
             bar.update(1)
     bar.close()
     images = {name: run.stacked() for name, run in rows.items()}
-    starts = {name: (run.start_sigma, run.steps_run) for name, run in rows.items()}
+    starts = {name: (run.start_sigma, run.steps_run, run.steps_total, run.steps_skipped)
+              for name, run in rows.items()}
     record = _record(config, step, settings, scenes, images, jobs, time.monotonic() - start, model.dtype, offset,
                      starts)
     return record, images
@@ -138,8 +161,8 @@ def _with_lora(model: torch.nn.Module, path: str | None, config: TestbedConfig,
     return lora_model
 
 
-def _row_name(strategy: Strategy, warm: bool) -> str:
-    return f"{strategy.value}{' +warm' if warm else ''}"
+def _row_name(strategy: Strategy, warm: bool, cache: StepCacheConfig = StepCacheConfig()) -> str:
+    return f"{strategy.value}{' +warm' if warm else ''}{f' cache={cache}' if cache.enabled else ''}"
 
 
 def _noise(config: TestbedConfig, settings: EvalSettings, first: int, n: int, device) -> tuple[torch.Tensor, ...]:
@@ -160,7 +183,7 @@ def _scores(scenes: list[Scene], images: torch.Tensor) -> dict:
 
 def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: list[Scene],
             images: dict[str, torch.Tensor], jobs, seconds: float, dtype: torch.dtype,
-            guide_offset_tokens: float, starts: dict[str, tuple[float, int]]) -> dict:
+            guide_offset_tokens: float, starts: dict[str, tuple[float, int, int, int]]) -> dict:
     window_px, token_px, factor = config.window_px, config.token_px, settings.scale
     base = images["base"]
     hires_px = config.base_px * factor
@@ -168,18 +191,24 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
     truth = torch.stack([to_tensor(render(s, hires_px, supersample=TRAIN_SUPERSAMPLE)) for s in scenes])
     truth_energy = high_frequency_energy(truth, factor)
     rows = []
-    for strategy, warm in jobs:
-        out = images[_row_name(strategy, warm)]
-        start_sigma, steps_run = starts[_row_name(strategy, warm)]
-        rows.append({"strategy": strategy.value, "warm_start": warm, "start_sigma": start_sigma,
-                     "steps_run": steps_run, **_scores(scenes, out),
+    for strategy, warm, cache in jobs:
+        out = images[_row_name(strategy, warm, cache)]
+        start_sigma, steps_run, steps_total, steps_skipped = starts[_row_name(strategy, warm, cache)]
+        uncached = images[_row_name(strategy, warm)]
+        rows.append({"strategy": strategy.value, "warm_start": warm, "cache": str(cache), "start_sigma": start_sigma,
+                     "steps_run": steps_run, "steps_computed": steps_total - steps_skipped,
+                     "steps_skipped": steps_skipped, **_scores(scenes, out),
                      "seam_ratio": seam_ratio(out, window_px, token_px), "guide_psnr": guide_psnr(out, base),
-                     "detail_ratio": detail_ratio(out, truth_energy, factor)})
+                     "detail_ratio": detail_ratio(out, truth_energy, factor),
+                     # PSNR against the same strategy without the cache, same prompts and seeds (inf: equal)
+                     "psnr_vs_uncached": psnr_db(out, uncached)})
     clean = torch.stack([to_tensor(render(s, hires_px, supersample=1)) for s in scenes[: min(8, len(scenes))]])
     upsampled = F.interpolate(base, size=hires_px, mode="bicubic", align_corners=False)
-    missing = [] if any(s is Strategy.GUIDE_LORA for s, _ in jobs) else (
+    missing = [] if any(s is Strategy.GUIDE_LORA for s, _, _ in jobs) else (
         ["windows+guide+lora: no guide LoRA given (--lora); train one with `ultragen train` on testbed data"]
         if Strategy.GUIDE_LORA in settings.strategies else [])
+    if any(c.enabled for c in settings.caches) and not any(c.enabled for _, _, c in jobs):
+        missing.append(f"cache rows: {settings.cache_strategy.value} +warm did not run (no guide LoRA: --lora)")
     return {
         "base": _scores(scenes, base),
         "rows": rows,
@@ -190,6 +219,8 @@ def _record(config: TestbedConfig, step: int, settings: EvalSettings, scenes: li
         "missing": missing,
         "model": {"config": config.to_dict(), "train_step": step},
         "settings": {**asdict(settings), "strategies": [s.value for s in settings.strategies],
+                     "caches": [str(c) for c in settings.caches], "cache_strategy": settings.cache_strategy.value,
+                     "sampler": {**asdict(settings.sampler), "step_cache": "per row"},
                      "policy": get_policy(settings.sampler.policy).to_dict(),
                      "guide_offset_tokens": guide_offset_tokens},  # resolved (None: centred)
         "prompts": [s.caption for s in scenes],

@@ -11,7 +11,8 @@ caption. What differs is the velocity function at the hires size:
 
 Warm start (any strategy): the base sample, upsampled, sharpened and re-noised to the schedule's sigma at step k
 (:func:`ultragen.pipeline.warm_start.warm_start_latent`); steps k..N-1 run. :func:`sample_hires` returns the sigma
-it started from and the number of steps it ran with the latents, and the evaluation records both per row. Latents are unpacked (B, C, rows, cols)
+it started from, the number of steps it ran and how many of them the step cache skipped
+(``SamplerSettings.step_cache``, hierarchical strategies only) with the latents, and the evaluation records them per row. Latents are unpacked (B, C, rows, cols)
 float32; the model runs in its own dtype (bfloat16 on CUDA in the evaluation) and its output is integrated in float32.
 """
 
@@ -28,6 +29,7 @@ from ultragen.flux import HierFluxTransformer
 from ultragen.pipeline.schedule import hires_scheduler
 from ultragen.pipeline.warm_start import warm_start_latent
 from ultragen.policy import build_plan, get_policy
+from ultragen.step_cache import StepCache, StepCacheConfig, parse_cache
 from ultragen.testbed.latent import from_tokens, to_tokens
 from ultragen.testbed.model import TestbedConfig, raster_ids
 from ultragen.testbed.text import PromptEmbeds
@@ -56,8 +58,10 @@ class SamplerSettings:
     policy: str = "default"
     backend: str = "auto"
     guide_offset_tokens: float | None = None  # guide RoPE positions rho*(m, n) + this; None: centred, (rho - 1) / 2
+    step_cache: StepCacheConfig = StepCacheConfig()  # hierarchical strategies: "off", "fbcache", "fbcache:0.08"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "step_cache", parse_cache(self.step_cache))
         if self.steps < 1 or not 0 <= self.warm_start_skip < self.steps:
             raise ValueError(f"steps={self.steps} must be >= 1 and warm_start_skip={self.warm_start_skip} in "
                              f"[0, steps)")
@@ -99,9 +103,10 @@ def stock_velocity(model: FluxTransformer2DModel, grid: tuple[int, int]) -> Velo
 
 
 def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: int, guide: torch.Tensor | None,
-                  settings: SamplerSettings) -> Velocity:
+                  settings: SamplerSettings) -> tuple[Velocity, StepCache]:
     """The hierarchical forward at ``scale`` x base: windows only (guide None) or with the clean guide latent
-    (B, C, base, base) in the sequence (the batch is doubled for guidance, so the guide is too)."""
+    (B, C, base, base) in the sequence (the batch is doubled for guidance, so the guide is too), and the fresh step
+    cache (``settings.step_cache``) it runs with: one state per call of this function (per batch and strategy)."""
     layout = config.layout(scale, guide=guide is not None, guide_offset_tokens=settings.guide_offset_tokens)
     if guide is not None and tuple(guide.shape[-2:]) != layout.guide_image_grid:
         raise ValueError(f"the guide latent is {tuple(guide.shape[-2:])} tokens but a {scale}x layout with rho="
@@ -109,6 +114,7 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
                          f"is the guide")
     plan = build_plan(layout, settings.policy)
     hier = HierFluxTransformer(model, backend=settings.backend)
+    cache = hier.set_step_cache(settings.step_cache)
     dtype, guide_seq = model.dtype, None
     if guide is not None:
         guide_seq = layout.guide_to_sequence(layout.pad_guide(to_tokens(torch.cat([guide, guide])))).to(dtype)
@@ -120,7 +126,7 @@ def hier_velocity(model: FluxTransformer2DModel, config: TestbedConfig, scale: i
                    guide=guide_seq)
         return from_tokens(layout.hires_to_raster(out).float(), grid)
 
-    return velocity
+    return velocity, cache
 
 
 @torch.no_grad()
@@ -135,11 +141,14 @@ def sample_base(model: FluxTransformer2DModel, config: TestbedConfig, prompt: Pr
 @dataclass(frozen=True)
 class HiresSample:
     """``latents``: (B, C, scale * base, scale * base) float32; ``start_sigma``: the noise level the integration
-    started from (1 cold, the schedule's sigma at step k under warm start); ``steps_run``: Euler steps taken."""
+    started from (1 cold, the schedule's sigma at step k under warm start); ``steps_run``: Euler steps taken (one
+    transformer call each, CFG batched); ``steps_skipped``: those of them whose blocks after the first the step cache
+    skipped (0 with the cache off or for ``dense``)."""
 
     latents: torch.Tensor
     start_sigma: float
     steps_run: int
+    steps_skipped: int = 0
 
 
 @torch.no_grad()
@@ -151,10 +160,12 @@ def sample_hires(model: FluxTransformer2DModel, config: TestbedConfig, strategy:
     expects the LoRA already loaded into ``model``."""
     strategy = Strategy(strategy)
     size = (config.base_tokens * scale, config.base_tokens * scale)
+    cache = None
     if strategy is Strategy.DENSE:
         velocity = stock_velocity(model, size)
     else:
-        velocity = hier_velocity(model, config, scale, None if strategy is Strategy.WINDOWS else guide, settings)
+        velocity, cache = hier_velocity(model, config, scale, None if strategy is Strategy.WINDOWS else guide,
+                                        settings)
     skip = settings.warm_start_skip if warm_start else 0
     sigmas = _sigmas(settings.steps, skip, settings.hires_shift)
     x = noise
@@ -162,4 +173,4 @@ def sample_hires(model: FluxTransformer2DModel, config: TestbedConfig, strategy:
         x = warm_start_latent(guide, size, noise, float(sigmas[0]), settings.sharpen_strength,
                               settings.sharpen_sigma_tokens)
     latents = euler(velocity, x, sigmas, prompt, empty, settings.cfg_scale)
-    return HiresSample(latents, float(sigmas[0]), len(sigmas) - 1)
+    return HiresSample(latents, float(sigmas[0]), len(sigmas) - 1, cache.skipped if cache is not None else 0)
