@@ -22,7 +22,7 @@ from ultragen.pipeline.outputs import atomic_path
 LATENT_FORMAT = "ultragen-latent-v1"
 
 
-def _tile_count(vae, latent_hw: tuple[int, int]) -> int:
+def tile_count(vae, latent_hw: tuple[int, int]) -> int:
     """How many decoder calls diffusers' AutoencoderKL.tiled_decode makes for this latent size."""
     if not vae.use_tiling or max(latent_hw) <= vae.tile_latent_min_size:
         return 1
@@ -47,7 +47,7 @@ def decode_latents(vae, latents: torch.Tensor, tile_px: int | None = None, progr
     set_vae_tiling(vae, tile_px)
     param = next(vae.parameters())
     z = (to_vae or to_vae_space)(latents.to(device=param.device, dtype=param.dtype), vae)
-    bar = tqdm(total=_tile_count(vae, tuple(z.shape[-2:])) * z.shape[0], desc="decode", unit="tile",
+    bar = tqdm(total=tile_count(vae, tuple(z.shape[-2:])) * z.shape[0], desc="decode", unit="tile",
                disable=not progress)
 
     def tick(*_) -> None:  # a pre-hook that returned a value would replace the decoder's input

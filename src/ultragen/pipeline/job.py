@@ -242,8 +242,8 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: GenerationJob, pipe,
-            timings: dict[str, float]) -> dict:
+def image_record(prompt: str, config: GenerationConfig, paths: OutputPaths, job: GenerationJob, pipe,
+                 timings: dict[str, float]) -> dict:
     layouts = config.layouts()
     return {
         "prompt": prompt,
@@ -294,7 +294,7 @@ def generate_files(job: GenerationJob, progress: bool = True, log=print, paralle
         start = time.perf_counter()
         image = to_pil(pipe.decode(latents, config.vae_tile_px, progress=progress))[0]
         timings["decode"] = time.perf_counter() - start
-        record = _record(prompt, config, paths, job, pipe, timings)
+        record = image_record(prompt, config, paths, job, pipe, timings)
         write_png(paths.image, image, png_text(record))
         write_json(paths.sidecar, record)
         log(f"wrote {paths.image} ({image.width}x{image.height}), {paths.sidecar.name}, {paths.latent.name}")

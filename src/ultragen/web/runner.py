@@ -103,7 +103,7 @@ class JobRunner:
         from dataclasses import replace
 
         from ultragen.pipeline.decode import save_latent, to_pil
-        from ultragen.pipeline.job import _record
+        from ultragen.pipeline.job import image_record
         from ultragen.pipeline.outputs import png_text, write_json, write_png
 
         job, pipe = ticket.job, self.pipe
@@ -129,7 +129,7 @@ class JobRunner:
         except Cancelled:
             raise Cancelled(f"Cancelled while decoding; the latent is kept: ultragen decode {paths.latent}") from None
         timings["decode"] = time.perf_counter() - start
-        record = _record(prompt, config, paths, job, pipe, timings)
+        record = image_record(prompt, config, paths, job, pipe, timings)
         write_png(paths.image, image, png_text(record))
         write_json(paths.sidecar, record)
         return Finished(paths.image, paths.sidecar, (image.width, image.height), record)
@@ -166,10 +166,10 @@ class _tile_events:
     """While decoding: a Progress("decode", tile, tiles) per VAE decoder call, and the cancel check before each."""
 
     def __init__(self, vae, latents: torch.Tensor, tile_px: int | None, ticket: Ticket, emit):
-        from ultragen.pipeline.decode import _tile_count, set_vae_tiling
+        from ultragen.pipeline.decode import tile_count, set_vae_tiling
 
         set_vae_tiling(vae, tile_px)
-        self.total = _tile_count(vae, tuple(latents.shape[-2:])) * latents.shape[0]
+        self.total = tile_count(vae, tuple(latents.shape[-2:])) * latents.shape[0]
         self.vae, self.ticket, self.emit, self.done = vae, ticket, emit, 0
 
     def _before_tile(self, *_) -> None:  # a forward pre-hook: returning None leaves the input alone
